@@ -1,0 +1,155 @@
+"""The engine protocol: what every policy engine (HF, vLLM, a scripted test engine) speaks.
+
+Kept free of torch/vllm imports so that `app.search` can depend on it and run against any handle.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Protocol, Sequence, runtime_checkable
+
+FinishReason = Literal["stop", "length", "eos"]
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One prompt to sample `n` continuations of.
+
+    `stop` strings end a continuation; the returned text ends *at and including* the stop string
+    (the step delimiter "\\n\\n" stays in the step, as in the published recipes).
+    """
+
+    prompt: str | tuple[int, ...]
+    n: int = 1
+    max_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    logprobs: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.prompt, list):
+            object.__setattr__(self, "prompt", tuple(self.prompt))
+        if isinstance(self.stop, (list, str)):
+            object.__setattr__(self, "stop", (self.stop,) if isinstance(self.stop, str) else tuple(self.stop))
+        if self.n < 1:
+            raise ValueError(f"GenerationRequest.n must be >= 1, got {self.n}")
+        if self.max_tokens < 1:
+            raise ValueError(f"GenerationRequest.max_tokens must be >= 1, got {self.max_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"GenerationRequest.temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"GenerationRequest.top_p must be in (0, 1], got {self.top_p}")
+
+
+@dataclass
+class Completion:
+    """One sampled continuation.
+
+    finish_reason: "stop" (a stop string matched; `stop_reason` says which), "eos" (the model ended),
+    "length" (max_tokens reached).
+    """
+
+    text: str
+    prompt_tokens: int
+    generated_tokens: int
+    finish_reason: FinishReason
+    stop_reason: str | None = None
+    cumulative_logprob: float | None = None
+    token_ids: tuple[int, ...] | None = None
+
+    @property
+    def mean_logprob(self) -> float | None:
+        if self.cumulative_logprob is None or self.generated_tokens == 0:
+            return None
+        return self.cumulative_logprob / self.generated_tokens
+
+
+@dataclass
+class Usage:
+    """Compute spent, summed over calls. FLOPs are estimated as 2 x parameters x tokens per model."""
+
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    prm_tokens: int = 0
+    policy_flops: float = 0.0
+    prm_flops: float = 0.0
+    policy_calls: int = 0
+    prm_calls: int = 0
+
+    @property
+    def flops(self) -> float:
+        return self.policy_flops + self.prm_flops
+
+    def add_generation(self, completions: Sequence[Sequence[Completion]], num_parameters: int) -> None:
+        self.policy_calls += 1
+        for group in completions:
+            if group:
+                # The prompt is processed once per request (prefix shared across the n samples).
+                self.prompt_tokens += group[0].prompt_tokens
+                self.policy_flops += 2.0 * num_parameters * group[0].prompt_tokens
+            for c in group:
+                self.generated_tokens += c.generated_tokens
+                self.policy_flops += 2.0 * num_parameters * c.generated_tokens
+
+    def add_scoring(self, tokens: int, num_parameters: int) -> None:
+        self.prm_calls += 1
+        self.prm_tokens += tokens
+        self.prm_flops += 2.0 * num_parameters * tokens
+
+    def merge(self, other: "Usage") -> "Usage":
+        for f in self.__dataclass_fields__:
+            setattr(self, f, getattr(self, f) + getattr(other, f))
+        return self
+
+    def as_dict(self) -> dict:
+        d = {f: getattr(self, f) for f in self.__dataclass_fields__}
+        d["flops"] = self.flops
+        return d
+
+
+@dataclass
+class ScoreResult:
+    """Per-trajectory, per-step scores in [0, 1] and the tokens the PRM read to produce them."""
+
+    scores: list[list[float]]
+    tokens: int = 0
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """A loaded policy model. `generate` returns one list of `n` completions per request, in order."""
+
+    num_parameters: int
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[list[Completion]]: ...
+
+
+@runtime_checkable
+class PolicyHandle(Protocol):
+    """What search methods call: a pool client, an actor wrapper or a scripted engine in tests."""
+
+    usage: Usage
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[list[Completion]]: ...
+
+
+@runtime_checkable
+class RewardHandle(Protocol):
+    """What search methods call to score steps: one score in [0, 1] per step of each trajectory."""
+
+    usage: Usage
+
+    def score(self, question: str, trajectories: Sequence[Sequence[str]]) -> list[list[float]]: ...
+
+
+def apply_stop(text: str, stop: Sequence[str]) -> tuple[str, str | None]:
+    """Cut `text` just after the earliest stop string. Returns (text, matched stop or None)."""
+    best, which = -1, None
+    for s in stop:
+        i = text.find(s)
+        if i >= 0 and (best < 0 or i < best):
+            best, which = i, s
+    if best < 0:
+        return text, None
+    return text[: best + len(which)], which

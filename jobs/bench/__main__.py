@@ -1,0 +1,5 @@
+import sys
+
+from jobs.bench import main
+
+sys.exit(main())
