@@ -1,0 +1,77 @@
+"""Merge concurrent calls that reach one async actor into one engine batch.
+
+Callers `await batcher.submit(items)`; the first caller of an idle batcher waits `gather_ms` for others, then one
+`process(all_items)` call runs and each caller gets back its own slice. Engines are far more efficient on one
+batch of 64 than on 64 batches of 1, and callers (search tasks) arrive a few at a time.
+"""
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable, Sequence
+
+
+@dataclass
+class BatchStats:
+    batches: int = 0
+    items: int = 0
+    largest: int = 0
+    sizes: list[int] = field(default_factory=list)
+
+    def record(self, n: int) -> None:
+        self.batches += 1
+        self.items += n
+        self.largest = max(self.largest, n)
+        self.sizes.append(n)
+        del self.sizes[:-1000]
+
+
+class MicroBatcher:
+    """`process(items) -> results` (sync or async) is called with at most `max_batch` items at a time.
+
+    A sync `process` runs in a worker thread so the actor's event loop keeps accepting calls meanwhile.
+    """
+
+    def __init__(self, process: Callable[[list[Any]], Any], max_batch: int = 64, gather_ms: float = 5.0):
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        self._process = process
+        self.max_batch = max_batch
+        self.gather_s = gather_ms / 1000.0
+        self._queue: list[tuple[list[Any], asyncio.Future]] = []
+        self._runner: asyncio.Task | None = None
+        self.stats = BatchStats()
+
+    async def submit(self, items: Sequence[Any]) -> list[Any]:
+        if not items:
+            return []
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        self._queue.append((list(items), fut))
+        if self._runner is None or self._runner.done():
+            self._runner = loop.create_task(self._run())
+        return await fut
+
+    async def _run(self) -> None:
+        while self._queue:
+            await asyncio.sleep(self.gather_s)
+            batch, owners, n = [], [], 0
+            while self._queue and (n == 0 or n + len(self._queue[0][0]) <= self.max_batch):
+                items, fut = self._queue.pop(0)
+                owners.append((fut, n, n + len(items)))
+                batch.extend(items)
+                n += len(items)
+            self.stats.record(n)
+            try:
+                if asyncio.iscoroutinefunction(self._process):
+                    results = await self._process(batch)
+                else:
+                    results = await asyncio.to_thread(self._process, batch)
+            except BaseException as e:  # hand the failure to every caller of this batch
+                for fut, _, _ in owners:
+                    if not fut.done():
+                        fut.set_exception(e)
+                continue
+            for fut, lo, hi in owners:
+                if not fut.done():
+                    fut.set_result(results[lo:hi])
