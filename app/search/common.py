@@ -131,3 +131,70 @@ def require_prm(prm: RewardHandle | None, method: str) -> RewardHandle:
 
 def prompt_of(problem_prompt: str, node: Node) -> str:
     return problem_prompt + node.text
+
+
+class Candidate:
+    """A sampled next step and the greedy lookahead steps rolled out after it (scored, not kept)."""
+
+    __slots__ = ("step", "lookahead")
+
+    def __init__(self, step: Step, lookahead: list[Step] | None = None):
+        self.step = step
+        self.lookahead = lookahead or []
+
+    @property
+    def ended(self) -> bool:
+        """The trajectory ends with this step: EOS, length, or an empty step."""
+        return self.step.finish_reason in ("eos", "length") or self.step.text == ""
+
+
+def sample_next_steps(
+    policy: PolicyHandle,
+    problem_prompt: str,
+    parents: Sequence[Node],
+    counts: Sequence[int],
+    cfg: SearchConfig,
+    *,
+    last: bool,
+    lookahead: int,
+    tag: object,
+    keys: Sequence[object] | None = None,
+) -> list[list[Candidate]]:
+    """counts[i] candidate next steps for parents[i], in one batched call, plus `lookahead` greedy steps each.
+
+    A step stops on the delimiter, except on the last iteration (`last`), which runs to EOS. Each request's
+    max_tokens is what is left of the trajectory's budget. Lookahead rollouts run at temperature 0 with the
+    delimiter as stop, and stop early on EOS, length or an empty step. Request seeds derive from the base seed,
+    `tag` and each parent's key (`keys`, default its index), so results do not depend on how parents are batched.
+    """
+    keys = list(range(len(parents))) if keys is None else list(keys)
+    stop = () if last else (cfg.step_delimiter,)
+    prompts = [problem_prompt + p.text for p in parents]
+    left = [cfg.max_tokens - p.tokens for p in parents]
+    groups = sample(
+        policy, prompts, [c if l > 0 else 0 for c, l in zip(counts, left)], max_tokens=left,
+        temperature=cfg.temperature, top_p=cfg.top_p, stop=stop,
+        seeds=[derive_seed(cfg.seed, tag, k) for k in keys],
+    )
+    cands = [[Candidate(step_from(c)) for c in g] for g in groups]
+    for k in range(lookahead):
+        todo = []
+        for i, group in enumerate(cands):
+            for j, cand in enumerate(group):
+                tail = cand.lookahead[-1] if cand.lookahead else cand.step
+                used = parents[i].tokens + cand.step.tokens + sum(s.tokens for s in cand.lookahead)
+                if tail.finish_reason in ("eos", "length") or tail.text == "" or used >= cfg.max_tokens:
+                    continue
+                todo.append((i, cand, used, j))
+        if not todo:
+            break
+        res = sample(
+            policy,
+            [prompts[i] + cand.step.text + "".join(s.text for s in cand.lookahead) for i, cand, _, _ in todo],
+            [1] * len(todo), max_tokens=[cfg.max_tokens - used for _, _, used, _ in todo],
+            temperature=0.0, top_p=1.0, stop=(cfg.step_delimiter,),
+            seeds=[derive_seed(cfg.seed, tag, "lookahead", k, keys[i], j) for i, _, _, j in todo],
+        )
+        for (_, cand, _, _), [c] in zip(todo, res):
+            cand.lookahead.append(step_from(c))
+    return cands

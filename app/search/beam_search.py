@@ -1,0 +1,116 @@
+"""Beam search over steps with a PRM (search-and-learn `beam_search`).
+
+    active = [root]                                   # n copies of the empty solution
+    for it in range(num_iterations):
+        beams = tile(active, n)                       # survivors repeated up to n: each gets about M copies
+        for b in beams: b += sample_one_step(b)       # stop on the delimiter; last iteration: run to EOS
+                        (+ `lookahead` greedy steps, scored, not kept)
+        completed += [b for b in beams if ended(b)]   # EOS, length or an empty step
+        scores = PRM(question, b) for b in beams
+        active = [b for b in beams if not ended(b)]
+        if filter_duplicates: keep the first beam of each text
+        if not active: break
+        active = top n/M of active by aggregate(scores, agg_strategy)    # completed beams use no width
+    out = completed[:n]  (or the n best with sort_completed), repeated up to n if fewer
+
+Defaults as search-and-learn: n=4, beam_width M=4, num_iterations 40, lookahead 0, temperature 0.8, top_p 1.0,
+max_tokens 2048, agg_strategy last, filter_duplicates false, sort_completed false, seed 42; n % M == 0.
+
+ponder differs on purpose:
+- lookahead text is scored (the beam's steps plus its lookahead steps; the reference generates it and scores only
+  the beam's own text: `quirk_unscored_lookahead: true`). The kept per-step scores are the beam's own steps'.
+- max_tokens bounds the whole trajectory (each request gets what is left), and tokens are counted (the reference
+  reports 0); a beam whose budget is spent is completed, unfinished.
+- ties in the top-n/M cut go to the earlier beam (the reference's argsort picks arbitrarily).
+- a text that ends in the delimiter has no empty trailing step to score.
+Survivors keep the order of the beam list and are tiled as the reference does: (survivors * k)[:n].
+"""
+from __future__ import annotations
+
+from pydantic import Field, model_validator
+
+from actors.engines.engine import PolicyHandle, RewardHandle
+from app.search.common import Candidate, SearchConfig, require_prm, sample_next_steps, score_paths
+from app.search.select import aggregate
+from app.search.tree import Node, Trajectory
+
+
+class BeamSearchConfig(SearchConfig):
+    n: int = Field(4, ge=1, description="number of beams (N)")
+    beam_width: int = Field(4, ge=1, description="M: each surviving beam is expanded M times; n/M survive")
+    num_iterations: int = Field(40, ge=1, description="maximum number of steps")
+    lookahead: int = Field(0, ge=0, description="greedy (temperature 0) steps rolled out after each candidate for scoring")
+    filter_duplicates: bool = Field(False, description="keep only the first of identical active beams")
+    sort_completed: bool = Field(False, description="return the n best completed beams instead of the first n")
+    quirk_unscored_lookahead: bool = Field(False, description="reference quirk: generate lookahead but do not score it")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.n % self.beam_width != 0:
+            raise ValueError(f"n ({self.n}) must be a multiple of beam_width ({self.beam_width})")
+        return self
+
+
+def tile(active: list[Node], n: int) -> list[Node]:
+    """The survivors repeated up to n copies, in the reference's order: (active * (n // len + 1))[:n]."""
+    return (active * (n // len(active) + 1))[:n]
+
+
+def solve(problem_prompt: str, question: str, policy: PolicyHandle, prm: RewardHandle | None, cfg: BeamSearchConfig) -> list[Trajectory]:
+    prm = require_prm(prm, "beam_search")
+    keep = cfg.n // cfg.beam_width
+    active: list[Node] = [Node()]
+    completed: list[Node] = []
+    for it in range(cfg.num_iterations):
+        last = it == cfg.num_iterations - 1
+        # (1) tile the survivors back up to n copies; (2) each copy samples one step (grouped per survivor).
+        copies = tile(active, cfg.n)
+        counts = [sum(1 for c in copies if c is a) for a in active]
+        cands = sample_next_steps(
+            policy, problem_prompt, active, counts, cfg, last=last, lookahead=cfg.lookahead, tag=("beam_search", it)
+        )
+        taken = {id(a): 0 for a in active}
+        beams: list[tuple[Node, Candidate]] = []
+        for parent in copies:  # children in the tiled order of the copies
+            group = cands[active.index(parent)]
+            j = taken[id(parent)]
+            taken[id(parent)] += 1
+            if j < len(group):
+                beams.append((parent.add_child(group[j].step), group[j]))
+        # (4) ended beams move to completed; a beam whose token budget is spent is completed too.
+        done = [cand.ended or child.tokens >= cfg.max_tokens for child, cand in beams]
+        for (child, cand), d in zip(beams, done):
+            child.terminal = d
+            child.finished = d and cand.step.finish_reason != "length" and child.tokens < cfg.max_tokens
+        # (3)+(5) the PRM scores every beam (active ones with their lookahead).
+        paths = []
+        for (child, cand), d in zip(beams, done):
+            extra = [] if d or cfg.quirk_unscored_lookahead else [s.text for s in cand.lookahead]
+            paths.append(child.step_texts + extra)
+        scores = score_paths(prm, question, paths)
+        agg = []
+        for (child, _), s in zip(beams, scores):
+            child.scores = s[: child.depth]
+            agg.append(aggregate(s, cfg.agg_strategy))
+        completed += [child for (child, _), d in zip(beams, done) if d]
+        survivors = [(child, a) for (child, _), d, a in zip(beams, done, agg) if not d]
+        if not survivors:
+            break
+        # (6) optional duplicate filter: the first beam of each identical text.
+        if cfg.filter_duplicates:
+            seen, unique = set(), []
+            for child, a in survivors:
+                if child.text not in seen:
+                    seen.add(child.text)
+                    unique.append((child, a))
+            survivors = unique
+        # (7) keep the top n/M by aggregated score, in beam-list order.
+        ranked = sorted(range(len(survivors)), key=lambda i: -survivors[i][1])[:keep]
+        active = [survivors[i][0] for i in sorted(ranked)]
+    if not completed:  # nothing ended (only possible if the engine ignores the last iteration's budget)
+        completed = active
+    if cfg.sort_completed:
+        completed = sorted(completed, key=lambda c: -aggregate(c.scores, cfg.agg_strategy))  # type: ignore[arg-type]
+    out = completed[: cfg.n]
+    out = (out * (cfg.n // len(out) + 1))[: cfg.n]
+    return [node.to_trajectory() for node in out]

@@ -1,0 +1,158 @@
+"""`python -m jobs.bench search [--config RECIPE] [--problems K] [--json]`: throughput of search on the actor pools.
+
+Two figures, each a ratio measured in one run on the same machine:
+
+- search_efficiency: generated tokens/s of the recipe's step-wise search (beam search by default: many small
+  calls that stop at step boundaries, interleaved with PRM scoring) over generated tokens/s of plain sampling of
+  the same number of tokens on the same policy pool (one request of n samples per problem, no stop string,
+  max_tokens sized so the total matches). 1.0 means step-wise search keeps the engine as busy as plain sampling.
+- replica_scaling: problems/s of the same search with 2 policy replicas over problems/s with 1 (ideal: 2.0,
+  bounded by the PRM pool and the CPUs or GPUs the replicas get).
+
+Both phases run the problems as Ray tasks through the search job's own submission code, with the same window of
+problems in flight.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import time
+
+from app.config import load_config
+
+
+def add_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default="toy/beam_search", help="a search recipe (pools, data, method)")
+    parser.add_argument("--problems", type=int, default=16, help="problems per phase")
+    parser.add_argument("--in-flight", type=int, default=None, help="problems in flight (default: the recipe's)")
+    parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray cluster")
+    parser.add_argument("--skip-replicas", action="store_true", help="measure search_efficiency only")
+    parser.add_argument("overrides", nargs="*", help="recipe overrides, e.g. search.n=8")
+
+
+def _drive(submit_fns: list, window: int) -> tuple[list, float]:
+    """Run the thunks (each returns an ObjectRef) with at most `window` in flight; results in order, seconds."""
+    import ray
+
+    results: list = [None] * len(submit_fns)
+    pending: dict = {}
+    it = iter(enumerate(submit_fns))
+    t0 = time.perf_counter()
+    while True:
+        while len(pending) < window:
+            nxt = next(it, None)
+            if nxt is None:
+                break
+            i, fn = nxt
+            pending[fn()] = i
+        if not pending:
+            break
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        for ref in ready:
+            results[pending.pop(ref)] = ray.get(ref)
+    return results, time.perf_counter() - t0
+
+
+def _sample_task():
+    import ray
+
+    @ray.remote
+    def sample(policy_pool, prompt: str, n: int, max_tokens: int, temperature: float, top_p: float, seed: int | None):
+        from actors.engines.engine import GenerationRequest
+
+        client = policy_pool.client()
+        client.generate([GenerationRequest(prompt=prompt, n=n, max_tokens=max_tokens, temperature=temperature,
+                                           top_p=top_p, seed=seed)])
+        return client.usage.generated_tokens
+
+    return sample
+
+
+def _search_phase(cfg, problems, prompts, policy_pool, prm_pool, window: int) -> dict:
+    from jobs.search import submit
+
+    fns = [(lambda p=p, q=q: submit(p, q, cfg, policy_pool, prm_pool)) for p, q in zip(problems, prompts)]
+    records, seconds = _drive(fns, window)
+    tokens = [int(r["compute"]["generated_tokens"]) for r in records]
+    return {"problems": len(records), "generated_tokens": sum(tokens), "seconds": seconds, "per_problem": tokens}
+
+
+def _row(method: str, replicas: int, r: dict) -> dict:
+    return {"phase": method, "replicas": replicas, "problems": r["problems"], "generated_tokens": r["generated_tokens"],
+            "seconds": r["seconds"], "tokens_per_s": r["generated_tokens"] / r["seconds"],
+            "problems_per_s": r["problems"] / r["seconds"]}
+
+
+def _phase_one(cfg, problems, prompts, policy_pool, prm_pool, window: int, rows: list, figures: dict) -> dict:
+    """The search on one replica, then plain sampling of the same number of tokens on the same pool."""
+    s = cfg.search
+    _search_phase(cfg, problems[:1], prompts[:1], policy_pool, prm_pool, 1)  # warm-up, not timed
+    search1 = _search_phase(cfg, problems, prompts, policy_pool, prm_pool, window)
+    rows.append(_row(cfg.method, 1, search1))
+    sample = _sample_task()
+    n = max(1, s.budget)
+    temperature = getattr(s, "temperature", 0.8)
+    top_p = getattr(s, "top_p", 1.0)
+    target = search1["generated_tokens"]
+    total, seconds, rounds = 0, 0.0, 0
+    while total < 0.95 * target and rounds < 5:  # samples may end at EOS early: top up, in rounds
+        left = target - total
+        share = [max(1, math.ceil(left * t / max(1, target) / n)) for t in search1["per_problem"]]
+        fns = [(lambda q=q, m=m, i=i, r=rounds: sample.remote(policy_pool, q, n, m, temperature, top_p, 1000 * r + i))
+               for i, (q, m) in enumerate(zip(prompts, share))]
+        got, sec = _drive(fns, window)
+        total += sum(got)
+        seconds += sec
+        rounds += 1
+    rows.append({"phase": "sampling", "replicas": 1, "problems": len(problems), "generated_tokens": total,
+                 "seconds": seconds, "tokens_per_s": total / seconds if seconds else 0.0, "problems_per_s": None})
+    figures["search_tokens_per_s"] = search1["generated_tokens"] / search1["seconds"]
+    figures["sampling_tokens_per_s"] = total / seconds if seconds else 0.0
+    figures["search_efficiency"] = (
+        figures["search_tokens_per_s"] / figures["sampling_tokens_per_s"] if figures["sampling_tokens_per_s"] else 0.0
+    )
+    return search1
+
+
+def run(args) -> tuple[list[dict], dict]:
+    import ray
+
+    from jobs.common import init_ray
+    from jobs.search import Config, load_tokenizer, make_prompt, pool_configs, start_pools
+    from app.problems import load_problems
+
+    cfg = load_config(Config, args.config, args.overrides)
+    window = args.in_flight or cfg.max_in_flight
+    problems = load_problems(cfg.data.source, limit=args.problems, shuffle_seed=cfg.data.shuffle_seed,
+                             split=cfg.data.split, subset=cfg.data.subset)
+    if not problems:
+        raise SystemExit("no problems to benchmark")
+    policy_cfg, prm_cfg = pool_configs(cfg)
+    need = 2 * policy_cfg.num_cpus + (prm_cfg.num_cpus if prm_cfg is not None else 0) + 1
+    started_ray = not ray.is_initialized()
+    init_ray(args.num_cpus or max(os.cpu_count() or 2, math.ceil(need)))
+    tokenizer = load_tokenizer(cfg)
+    prompts = [make_prompt(p, cfg, tokenizer) for p in problems]
+    rows: list[dict] = []
+    figures: dict = {}
+
+    policy_pool, prm_pool = start_pools(policy_cfg.model_copy(update={"replicas": 1}), prm_cfg)
+    try:
+        search1 = _phase_one(cfg, problems, prompts, policy_pool, prm_pool, window, rows, figures)
+        if not args.skip_replicas:
+            policy_pool.shutdown()
+            policy_pool = None
+            policy_pool, _ = start_pools(policy_cfg.model_copy(update={"replicas": 2}), None)
+            _search_phase(cfg, problems[:2], prompts[:2], policy_pool, prm_pool, 2)  # warm both replicas
+            search2 = _search_phase(cfg, problems, prompts, policy_pool, prm_pool, window)
+            rows.append(_row(cfg.method, 2, search2))
+            figures["replica_scaling"] = (search2["problems"] / search2["seconds"]) / (search1["problems"] / search1["seconds"])
+    finally:
+        if policy_pool is not None:
+            policy_pool.shutdown()
+        if prm_pool is not None:
+            prm_pool.shutdown()
+    if started_ray:
+        ray.shutdown()
+    return rows, figures
