@@ -229,8 +229,13 @@ def load_problems(
     if limit is not None and limit < 0:
         raise ConfigError(f"limit must be >= 0, got {limit}")
     shard = _parse_shard(shard)
-    records, name = _records(source, split, subset)
-    problems = [record_to_problem(rec, name, i, where) for i, (rec, where) in enumerate(records)]
+    if str(source).startswith("toy:"):  # the toy world's generated splits: toy:train, toy:test
+        from app.toy.generator import load_toy
+
+        problems = load_toy(str(source))
+    else:
+        records, name = _records(source, split, subset)
+        problems = [record_to_problem(rec, name, i, where) for i, (rec, where) in enumerate(records)]
     if shuffle_seed is not None:
         random.Random(shuffle_seed).shuffle(problems)
     if limit is not None:
@@ -259,7 +264,7 @@ LLAMA_COT_SYSTEM_PROMPT = (
 QWEN_MATH_SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
 
 SYSTEM_PROMPTS = {"qwen-math": QWEN_MATH_SYSTEM_PROMPT, "llama-cot": LLAMA_COT_SYSTEM_PROMPT}
-TEMPLATES = ("qwen-math", "llama-cot", "plain")
+TEMPLATES = ("qwen-math", "llama-cot", "plain", "toy")
 
 
 def build_prompt(
@@ -277,6 +282,10 @@ def build_prompt(
     never imports transformers.
     """
     question = problem.question if isinstance(problem, Problem) else str(problem)
+    if template == "toy":  # the toy policy's training format
+        from app.toy.generator import toy_prompt
+
+        return toy_prompt(problem)
     if template == "plain":
         return (f"{system_prompt}\n\n" if system_prompt else "") + question + "\n\n"
     if template not in SYSTEM_PROMPTS:

@@ -146,10 +146,6 @@ def load_tokenizer(cfg: Config):
 
 
 def make_prompt(problem: Any, cfg: Config, tokenizer: Any) -> str:
-    if cfg.prompt.template == "toy":
-        from app.toy.generator import toy_prompt
-
-        return toy_prompt(problem)
     from app.problems import build_prompt
 
     return build_prompt(problem, tokenizer=tokenizer, template=cfg.prompt.template, system_prompt=cfg.prompt.system_prompt)

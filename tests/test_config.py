@@ -83,7 +83,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_cli_config_show_prints_resolved_recipe():
-    r = run_cli("config", "show", "toy/beam_search", "method.n=8")
+    r = run_cli("config", "show", "toy/beam_search", "search.n=8")
     assert r.returncode == 0, r.stderr
     assert "job: search" in r.stdout and "n: 8" in r.stdout
 

