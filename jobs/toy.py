@@ -1,0 +1,401 @@
+"""`ponder toy build` / `ponder toy eval`: make and judge the toy world's shipped checkpoints.
+
+    python -m jobs.toy build [--config toy/world] [--quick] [--out DIR] [--force] [key=value ...]
+    python -m jobs.toy eval  [--config toy/world] [--models DIR] [--json] [key=value ...]
+
+build: generate data -> SFT the policy (Ray Train + DeepSpeed) -> sample it and label every step prefix by
+Monte-Carlo completions (through a policy pool) -> train the PRM on the labels (Ray Train + DeepSpeed, body
+started from the policy) -> write `policy/` and `prm/` (safetensors with bfloat16 weights + config saying float32 +
+tokenizer) and `heldout_mc.jsonl` (MC labels on test problems, for eval's step AUC) into the output folder,
+then print a summary. Without --quick the output is the shipped location (`app/toy/checkpoints`); --quick
+builds a smaller world into --out (default `runs/toy-quick/checkpoints`) and refuses to write into the shipped
+location unless --force. Intermediate files and Ray Train checkpoints go to `work_dir`; a build that is killed
+resumes where it stopped when run again with the same config (runs are named by a hash of the config).
+
+eval: on `eval.n_per_level` held-out problems per level: greedy accuracy, accuracy of one sample at the eval
+temperature, majority@N, PRM best-of-N (score of the last step) and PRM-weighted majority@N, pass@N; and the
+PRM's step-level ROC AUC on the held-out MC labels (against the hard labels; against the true step correctness
+too). --json prints one object (keys "1".."5" per level and "all") as the last line.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import shutil
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Sequence
+
+from pydantic import Field
+
+from app.config import Config as BaseConfig
+from app.config import ConfigError, apply_overrides, build_config, dump_config, read_recipe
+from jobs.common import init_ray, user_errors
+from train.common import TrainConfig
+
+DEFAULT_RECIPE = "toy/world"
+
+
+class ToySFT(BaseConfig):
+    size: str = Field("tiny", description="app.toy.models size of the policy")
+    n_per_level: int = 8000
+    levels: list[int] = [1, 2, 3, 4, 5]
+    orders_per_problem: int = 1
+    level_weights: dict[int, float] = Field(default_factory=dict)
+    max_length: int = 512
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig(name="toy-sft", lr=3e-3, micro_batch_size=32))
+
+
+class ToyMC(BaseConfig):
+    n_per_level: int = 60
+    heldout_per_level: int = 20
+    samples: int = 4
+    k: int = 8
+    temperature: float = 0.7
+    max_tokens: int = 320
+    skip_after_zero: bool = False
+    replicas: int = 2
+    max_batch: int = 64
+    max_in_flight: int = 8
+
+
+class ToyPRM(BaseConfig):
+    labels: str = Field("soft", pattern="^(soft|hard)$")
+    init_from_policy: bool = True
+    size: str = "tiny"
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig(name="toy-prm", lr=1e-3, micro_batch_size=32))
+
+
+class ToyEval(BaseConfig):
+    n_per_level: int = 200
+    n: int = Field(16, ge=1)
+    temperature: float = 0.7
+    max_tokens: int = 320
+    replicas: int = 2
+    max_batch: int = 64
+    max_in_flight: int = 16
+
+
+class ToyConfig(BaseConfig):
+    """A `job: toy` recipe (configs/toy/world.yaml)."""
+
+    job: str = Field("toy", pattern="^toy$")
+    seed: int = 0
+    work_dir: str = "runs/toy"
+    out: str | None = Field(None, description="output folder (default: the shipped app/toy/checkpoints)")
+    levels: list[int] = [1, 2, 3, 4, 5]
+    sft: ToySFT = Field(default_factory=ToySFT)
+    mc: ToyMC = Field(default_factory=ToyMC)
+    prm: ToyPRM = Field(default_factory=ToyPRM)
+    eval: ToyEval = Field(default_factory=ToyEval)
+    quick: dict = Field(default_factory=dict, description="dotted overrides applied by --quick")
+
+
+Config = ToyConfig  # what `jobs.config` (`ponder config show`) validates a `job: toy` recipe with
+
+
+def config_class(job: str):
+    return ToyConfig
+
+
+def load(recipe: str | None, overrides: Sequence[str], quick: bool) -> ToyConfig:
+    data, path = read_recipe(recipe or DEFAULT_RECIPE)
+    source = str(path)
+    if quick:
+        q = data.get("quick") or {}
+        data = apply_overrides(data, [f"{k}={json.dumps(v)}" for k, v in q.items()])
+        source += " + quick"
+    data = apply_overrides(data, overrides)
+    if overrides:
+        source += f" + overrides {' '.join(overrides)}"
+    return build_config(ToyConfig, data, source)
+
+
+def _hash(obj) -> str:
+    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+def _pool(model: str, replicas: int, max_batch: int):
+    from actors.policy import start_policy_pool
+    from actors.pool import PoolConfig
+
+    return start_policy_pool(PoolConfig(engine="hf", model=model, replicas=replicas, num_cpus=1, max_batch=max_batch,
+                                        gather_ms=20.0))
+
+
+def build(cfg: ToyConfig, out: Path) -> dict:
+    from train.prm import PRMTrainConfig
+    from train.prm import train as train_prm
+    from train.sft import SFTConfig, ToyData
+    from train.sft import train as train_sft
+    from train.synthesize.mc_labels import MCLabelConfig, run as run_mc, summarize
+
+    work = Path(cfg.work_dir).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    tag = _hash(cfg.model_dump(mode="json", exclude={"eval", "out", "work_dir", "quick"}))
+    times: dict[str, float] = {}
+    summary: dict = {"config_hash": tag}
+    t_all = time.time()
+
+    # 1-2. data + SFT
+    t0 = time.time()
+    s = cfg.sft
+    sft_train = s.train.model_copy(update=dict(name=f"toy-sft-{tag}", storage_path=str(work / "ray"), seed=cfg.seed))
+    sft_cfg = SFTConfig(model=f"new:toy-{s.size}", data="toy:train",
+                        toy=ToyData(n_per_level=s.n_per_level, levels=s.levels, orders_per_problem=s.orders_per_problem,
+                                    level_weights=s.level_weights, seed=cfg.seed),
+                        max_length=s.max_length, output=str(out / "policy"), train=sft_train)
+    result, policy = train_sft(sft_cfg)
+    times["sft"] = time.time() - t0
+    summary["sft"] = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
+    print(f"[toy build] policy -> {policy} ({times['sft']:.0f} s)", flush=True)
+
+    # 3-4. sample + MC labels (train problems for the PRM, test problems held out for eval's AUC)
+    t0 = time.time()
+    m = cfg.mc
+    pool = _pool(str(policy), m.replicas, m.max_batch)
+    try:
+        common = dict(samples=m.samples, k=m.k, temperature=m.temperature, max_tokens=m.max_tokens,
+                      skip_after_zero=m.skip_after_zero, max_in_flight=m.max_in_flight, seed=cfg.seed,
+                      levels=cfg.levels)
+        train_mc = work / f"mc_train-{tag}.jsonl"
+        held_mc = work / f"mc_heldout-{tag}.jsonl"
+        st1 = run_mc(MCLabelConfig(problems="toy:train", n_per_level=m.n_per_level, output=str(train_mc), **common), pool)
+        st2 = run_mc(MCLabelConfig(problems="toy:test", n_per_level=m.heldout_per_level, output=str(held_mc), **common), pool)
+    finally:
+        pool.shutdown()
+    times["mc_labels"] = time.time() - t0
+    from train.sft import read_jsonl
+
+    summary["mc_train"] = summarize(read_jsonl(train_mc))
+    summary["mc_heldout"] = summarize(read_jsonl(held_mc))
+    print(f"[toy build] MC labels: {st1['trajectories'] + st2['trajectories']} new trajectories ({times['mc_labels']:.0f} s)", flush=True)
+
+    # 5. PRM
+    t0 = time.time()
+    p = cfg.prm
+    prm_train = p.train.model_copy(update=dict(name=f"toy-prm-{tag}", storage_path=str(work / "ray"), seed=cfg.seed))
+    prm_cfg = PRMTrainConfig(format="qwen", model=f"new:toy-{p.size}", init_from=str(policy) if p.init_from_policy else None,
+                             data=str(train_mc), eval_data=str(held_mc), labels=p.labels, output=str(out / "prm"),
+                             train=prm_train)
+    result, prm = train_prm(prm_cfg)
+    times["prm"] = time.time() - t0
+    summary["prm"] = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
+    shutil.copyfile(held_mc, out / "heldout_mc.jsonl")
+    times["total"] = time.time() - t_all
+    summary["seconds"] = times
+    summary["sizes_mb"] = {name: round(sum(f.stat().st_size for f in (out / name).iterdir()) / 2**20, 2)
+                           for name in ("policy", "prm")}
+    (out / "build.json").write_text(json.dumps({"config": cfg.model_dump(mode="json"), **summary}, indent=1, default=str) + "\n")
+    return summary
+
+
+def print_build_summary(summary: dict, out: Path) -> None:
+    print(f"\ntoy world built into {out} in {summary['seconds']['total']:.0f} s "
+          f"(sft {summary['seconds']['sft']:.0f} s, MC labels {summary['seconds']['mc_labels']:.0f} s, "
+          f"prm {summary['seconds']['prm']:.0f} s)")
+    sft, prm = summary.get("sft", {}), summary.get("prm", {})
+    print(f"  policy: {summary['sizes_mb']['policy']} MB, final loss {sft.get('loss', float('nan')):.4f}, "
+          f"{sft.get('global_step', '?')} steps")
+    print(f"  prm:    {summary['sizes_mb']['prm']} MB, final loss {prm.get('loss', float('nan')):.4f}, "
+          f"held-out step AUC {prm.get('eval_auc', float('nan')):.3f}")
+    print("  level  sampled-correct  positive steps (hard)   [MC training labels]")
+    for level, d in sorted(summary["mc_train"].items(), key=lambda kv: str(kv[0])):
+        print(f"  {level!s:>5}  {d['correct'] / max(d['trajectories'], 1):>15.2f}  {d['hard_pos'] / max(d['steps'], 1):>21.2f}")
+    print("run `python -m jobs.toy eval` for greedy / majority / PRM best-of-N per level")
+
+
+# --------------------------------------------------------------------------------------------------- eval
+
+
+def _majority(answers: list[str | None]) -> str | None:
+    counts = Counter(a for a in answers if a is not None)
+    if not counts:
+        return None
+    best = max(counts.values())
+    return next(a for a in answers if a is not None and counts[a] == best)
+
+
+def _weighted(answers: list[str | None], scores: list[float]) -> str | None:
+    tot: dict[str, float] = {}
+    for a, s in zip(answers, scores):
+        if a is not None:
+            tot[a] = tot.get(a, 0.0) + s
+    return max(tot, key=tot.get) if tot else None
+
+
+def evaluate(cfg: ToyConfig, models: Path, progress: bool = True) -> dict:
+    import ray
+    from tqdm import tqdm
+
+    from actors.engines.engine import GenerationRequest
+    from actors.prm import HFPRMEngine, load_tokenizer, make_format
+    from app.grading import extract_answer
+    from app.search.tree import split_steps
+    from app.toy.generator import exact_step_labels, toy_problems, toy_prompt
+    from train.prm import auc
+    from train.sft import read_jsonl
+    from train.synthesize.mc_labels import is_correct
+
+    e = cfg.eval
+    for name in ("policy", "prm"):
+        if not (models / name / "config.json").exists():
+            raise FileNotFoundError(f"no toy {name} at {models / name}; run `ponder toy build` first")
+    problems = toy_problems("test", e.n_per_level, levels=cfg.levels, seed=cfg.seed)
+    pool = _pool(str(models / "policy"), e.replicas, e.max_batch)
+    client = pool.client()
+
+    @ray.remote(num_cpus=0)
+    def solve(client, prompt: str, seed: int):
+        greedy = client.generate([GenerationRequest(prompt, n=1, max_tokens=e.max_tokens, temperature=0.0)])[0][0]
+        samples = client.generate([GenerationRequest(prompt, n=e.n, max_tokens=e.max_tokens, temperature=e.temperature,
+                                                     seed=seed)])[0]
+        return greedy.text, [c.text for c in samples]
+
+    t0 = time.time()
+    results: dict[int, tuple[str, list[str]]] = {}
+    try:
+        pending: dict = {}
+        todo = list(enumerate(problems))
+        bar = tqdm(total=len(problems), desc="eval: sampling", disable=not progress, dynamic_ncols=True, mininterval=2.0)
+        while todo or pending:
+            while todo and len(pending) < e.max_in_flight:
+                i, p = todo.pop(0)
+                pending[solve.remote(client, toy_prompt(p), cfg.seed * 1_000_003 + i)] = i
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            for ref in ready:
+                results[pending.pop(ref)] = ray.get(ref)
+                bar.update(1)
+        bar.close()
+    finally:
+        pool.shutdown()
+    sample_s = time.time() - t0
+
+    # PRM scores of every sample, and of the held-out MC-labelled trajectories
+    prm_path = str(models / "prm")
+    fmt = make_format("qwen", load_tokenizer(prm_path))
+    engine = HFPRMEngine(prm_path, fmt)
+    trajs = [(i, split_steps(t)) for i in range(len(problems)) for t in results[i][1]]
+    enc = [fmt.encode(problems[i].question, steps) for i, steps in trajs]
+    scores = []
+    for lo in tqdm(range(0, len(enc), 256), desc="eval: PRM", disable=not progress, dynamic_ncols=True, mininterval=2.0):
+        scores += engine.score(enc[lo:lo + 256])
+    per_problem: dict[int, list[float]] = {}
+    for (i, _), s in zip(trajs, scores):
+        per_problem.setdefault(i, []).append(s[-1] if s else 0.0)
+
+    rows: dict[str, dict] = {}
+    by_level: dict[int, list[dict]] = {}
+    for i, p in enumerate(problems):
+        greedy, samples = results[i]
+        answers = [extract_answer(t) for t in samples]
+        last = per_problem[i]
+        best = samples[max(range(len(samples)), key=lambda j: last[j])]
+        maj = _majority(answers)
+        wmaj = _weighted(answers, last)
+        by_level.setdefault(p.level, []).append(dict(
+            greedy=is_correct(greedy, p.answer),
+            sample=sum(is_correct(t, p.answer) for t in samples) / len(samples),
+            majority=maj is not None and is_correct(f"\\boxed{{{maj}}}", p.answer),
+            prm_best=is_correct(best, p.answer),
+            prm_weighted=wmaj is not None and is_correct(f"\\boxed{{{wmaj}}}", p.answer),
+            pass_n=any(is_correct(t, p.answer) for t in samples),
+        ))
+
+    held_path = models / "heldout_mc.jsonl"
+    held = read_jsonl(held_path) if held_path.exists() else []
+    held_enc = [fmt.encode(r["question"], r["steps"]) for r in held]
+    held_scores = []
+    for lo in range(0, len(held_enc), 256):
+        held_scores += engine.score(held_enc[lo:lo + 256])
+
+    n = e.n
+    names = dict(greedy="greedy", sample=f"sample_t{e.temperature:g}", majority=f"majority@{n}",
+                 prm_best=f"prm_best_of_{n}", prm_weighted=f"prm_weighted@{n}", pass_n=f"pass@{n}")
+
+    def table(items: list[dict], held_rows: list[int]) -> dict:
+        d = {names[k]: round(sum(x[k] for x in items) / len(items), 4) for k in names} if items else {}
+        d["problems"] = len(items)
+        s = [v for j in held_rows for v in held_scores[j]]
+        hard = [y for j in held_rows for y in held[j]["hard"]]
+        d["step_auc"] = _r(auc(s, hard))
+        if held_rows and "exact" in held[held_rows[0]]:
+            d["step_auc_exact"] = _r(auc(s, [y for j in held_rows for y in held[j]["exact"]]))
+        d["heldout_steps"] = len(s)
+        return d
+
+    out: dict = {}
+    for level in sorted(by_level):
+        out[str(level)] = table(by_level[level], [j for j, r in enumerate(held) if r.get("level") == level])
+    out["all"] = table([x for v in by_level.values() for x in v], list(range(len(held))))
+    out["all"]["sampling_seconds"] = round(sample_s, 1)
+    return out
+
+
+def _r(x: float) -> float | None:
+    return None if x != x else round(x, 4)
+
+
+def print_eval(res: dict) -> None:
+    keys = [k for k in next(iter(res.values())) if k not in ("problems", "heldout_steps", "sampling_seconds")]
+    print("level  problems  " + "  ".join(f"{k:>14}" for k in keys))
+    for level, d in res.items():
+        cells = "  ".join(f"{d.get(k):>14}" if d.get(k) is not None else f"{'-':>14}" for k in keys)
+        print(f"{level:>5}  {d['problems']:>8}  {cells}")
+
+
+# ---------------------------------------------------------------------------------------------------- CLI
+
+
+@user_errors
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="ponder toy", description="build or evaluate the toy world")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("build", help="generate data, train the policy and the PRM, write the checkpoints")
+    b.add_argument("--config", "-c", default=None, help=f"recipe (default {DEFAULT_RECIPE})")
+    b.add_argument("--quick", action="store_true", help="a smaller world in a few minutes (into --out)")
+    b.add_argument("--out", default=None, help="output folder (default: the shipped checkpoints; --quick: runs/toy-quick/checkpoints)")
+    b.add_argument("--force", action="store_true", help="allow --quick to overwrite the shipped checkpoints")
+    b.add_argument("overrides", nargs="*")
+    ev = sub.add_parser("eval", help="greedy / majority / PRM best-of-N per level, and the PRM's step AUC")
+    ev.add_argument("--config", "-c", default=None, help=f"recipe (default {DEFAULT_RECIPE})")
+    ev.add_argument("--models", default=None, help="folder with policy/ and prm/ (default: the shipped checkpoints)")
+    ev.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    ev.add_argument("overrides", nargs="*")
+    args = p.parse_args(argv)
+
+    from app.toy import CHECKPOINTS
+
+    if args.cmd == "build":
+        cfg = load(args.config, args.overrides, args.quick)
+        if args.out:
+            out = Path(args.out)
+        elif cfg.out:
+            out = Path(cfg.out)
+        else:
+            out = Path("runs/toy-quick/checkpoints") if args.quick else CHECKPOINTS
+        out = out.resolve()
+        if args.quick and out == CHECKPOINTS.resolve() and not args.force:
+            raise ConfigError(f"--quick would overwrite the shipped checkpoints in {out}; give --out DIR (or --force)")
+        print(f"[toy build] {'quick ' if args.quick else ''}world into {out}\n" + dump_config(cfg), flush=True)
+        init_ray()
+        summary = build(cfg, out)
+        print_build_summary(summary, out)
+        return 0
+
+    cfg = load(args.config, args.overrides, quick=False)
+    models = Path(args.models).resolve() if args.models else CHECKPOINTS
+    init_ray()
+    res = evaluate(cfg, models, progress=not args.json)
+    print_eval(res)
+    if args.json:
+        print(json.dumps(res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

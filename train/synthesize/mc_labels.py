@@ -1,0 +1,301 @@
+"""Monte-Carlo process supervision (Math-Shepherd): step labels from completions of every step prefix.
+
+For each problem, `samples` trajectories are sampled from the policy; for every step prefix of each trajectory,
+`k` completions are sampled (temperature 0.7 as in RLHFlow's re-run of Math-Shepherd) and graded. The step's
+soft label is the fraction of completions that reach the right answer, its hard label 1 if any does. A prefix
+that already holds a final answer needs no completions: its label is whether that answer is right. Identical
+prefixes of one problem (two samples that agree on their first steps) are completed once.
+
+Execution: the policy runs as a replica pool (`actors.policy.start_policy_pool`); each problem is one Ray task
+(`num_cpus=0`: it only waits on the pool) that sends its requests to `pool.client()` in two calls (the samples,
+then all prefixes at once, so the engines see big batches); the driver keeps at most `max_in_flight` tasks in
+flight (`ray.wait`) and shows a progress bar.
+
+Output: JSONL, append-only, one record per trajectory, all records of a problem written together::
+
+    {"problem_id", "question", "answer", "level", "sample", "n_samples", "steps": [...], "soft": [...], "hard": [...],
+     "k", "correct", "finish_reason", "exact": [...] (toy problems: the true step correctness)}
+
+`steps` are as the policy wrote them (each ending in the step delimiter but the last): what `train.prm` and the
+PRM actor lay out. Resumable: problems already in the output are skipped; a torn last line is cut off.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+from pydantic import Field
+
+from actors.pool import PoolConfig
+from app.config import Config, ConfigError
+
+
+class MCLabelConfig(Config):
+    policy: PoolConfig = Field(default_factory=lambda: PoolConfig(engine="hf", model="toy:policy"))
+    problems: str = Field("toy:train", description="toy:train, toy:test, or a load_problems source")
+    n_per_level: int = Field(50, ge=1, description="toy sources: problems per level")
+    levels: list[int] = [1, 2, 3, 4, 5]
+    offset: int = Field(0, ge=0, description="toy sources: skip this many problems per level first")
+    limit: int | None = Field(None, ge=1, description="other sources: at most this many problems")
+    prompt: Literal["toy", "plain"] = "toy"
+    samples: int = Field(4, ge=1, description="trajectories sampled per problem")
+    k: int = Field(8, ge=1, description="completions per step prefix")
+    temperature: float = Field(0.7, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_tokens: int = Field(400, ge=1)
+    step_delimiter: str = "\n\n"
+    skip_after_zero: bool = Field(False, description="label 0 without completions once an earlier prefix of the trajectory got 0")
+    max_in_flight: int = Field(8, ge=1)
+    seed: int = 0
+    output: str = "runs/mc_labels.jsonl"
+    progress: bool = True
+
+
+def _seed(*parts: Any) -> int:
+    return int.from_bytes(hashlib.sha1(":".join(map(str, parts)).encode()).digest()[:4], "big") & 0x7FFFFFFF
+
+
+def _int(s: str) -> int | None:
+    s = s.strip().replace(",", "")
+    try:
+        return int(s)
+    except ValueError:
+        return None
+
+
+def is_correct(text: str, gold: str) -> bool:
+    """Exact for integers (the toy world), else `app.grading.grade` (math-verify, with its time limit)."""
+    from app.grading import extract_answer, grade
+
+    pred = extract_answer(text)
+    if pred is None:
+        return False
+    if pred.strip() == str(gold).strip():
+        return True
+    a, b = _int(pred), _int(str(gold))
+    if a is not None and b is not None:
+        return a == b
+    return grade(text, str(gold))
+
+
+def has_final_answer(text: str) -> bool:
+    """Does a prefix already state its final answer (a complete \\boxed{} or "The answer is ...")? Stricter than
+    `extract_answer`, which falls back to the last number of any text."""
+    from app.grading import last_boxed
+
+    return last_boxed(text) is not None or bool(re.search(r"[Tt]he (?:final )?answer is\s*\S", text))
+
+
+def make_prompt(problem: dict, style: str) -> str:
+    if style == "toy":
+        from app.toy.generator import toy_prompt
+
+        return toy_prompt(problem["question"])
+    return problem["question"] + "\n\n"
+
+
+def label_problem(client, problem: dict, cfg: dict) -> list[dict]:
+    """Sample trajectories for one problem and label every step prefix. Runs inside a Ray task."""
+    from actors.engines.engine import GenerationRequest
+    from app.search.tree import split_steps
+
+    c = MCLabelConfig.model_validate(cfg)
+    prompt = make_prompt(problem, c.prompt)
+    gold = problem["answer"]
+    base = _seed(c.seed, problem["id"])
+    first = client.generate([GenerationRequest(prompt, n=c.samples, max_tokens=c.max_tokens,
+                                               temperature=c.temperature, top_p=c.top_p, seed=base)])[0]
+    trajs = [split_steps(comp.text, c.step_delimiter) for comp in first]
+    # Every distinct prefix without a final answer gets k completions, in one call.
+    prefixes: dict[str, None] = {}
+    for steps in trajs:
+        for i in range(len(steps)):
+            text = "".join(steps[: i + 1])
+            if not has_final_answer(text):
+                prefixes.setdefault(text, None)
+    keys = list(prefixes)
+    if c.skip_after_zero:
+        keys = _needed(keys, trajs, client, c, prompt, gold, base)
+        labels = keys  # _needed returns the finished table
+    else:
+        reqs = [GenerationRequest(prompt + t, n=c.k, max_tokens=c.max_tokens, temperature=c.temperature,
+                                  top_p=c.top_p, seed=_seed(base, t)) for t in keys]
+        outs = client.generate(reqs) if reqs else []
+        labels = {t: sum(is_correct(t + o.text, gold) for o in group) / c.k for t, group in zip(keys, outs)}
+    exact_fn = _exact_checker(problem)
+    records = []
+    for j, (comp, steps) in enumerate(zip(first, trajs)):
+        soft, zero = [], False
+        for i in range(len(steps)):
+            text = "".join(steps[: i + 1])
+            if has_final_answer(text):
+                p = float(is_correct(text, gold))
+            elif zero and c.skip_after_zero:
+                p = 0.0
+            else:
+                p = labels[text]
+            zero = zero or p == 0.0
+            soft.append(p)
+        rec = dict(problem_id=problem["id"], question=problem["question"], answer=gold,
+                   level=problem.get("level"), sample=j, n_samples=len(first), steps=steps, soft=soft,
+                   hard=[int(p > 0) for p in soft], k=c.k, correct=is_correct(comp.text, gold),
+                   finish_reason=comp.finish_reason)
+        if exact_fn is not None:
+            rec["exact"] = exact_fn(steps)
+        records.append(rec)
+    return records
+
+
+def _needed(keys, trajs, client, c, prompt, gold, base) -> dict:
+    """skip_after_zero: complete prefixes depth by depth, and stop a trajectory after its first 0 label."""
+    from actors.engines.engine import GenerationRequest
+
+    table: dict[str, float] = {}
+    dead = [False] * len(trajs)
+    depth = 0
+    while True:
+        todo = []
+        for j, steps in enumerate(trajs):
+            if dead[j] or depth >= len(steps):
+                continue
+            t = "".join(steps[: depth + 1])
+            if not has_final_answer(t) and t not in table and t not in todo:
+                todo.append(t)
+        if not todo and all(dead[j] or depth >= len(s) for j, s in enumerate(trajs)):
+            break
+        if todo:
+            reqs = [GenerationRequest(prompt + t, n=c.k, max_tokens=c.max_tokens, temperature=c.temperature,
+                                      top_p=c.top_p, seed=_seed(base, t)) for t in todo]
+            for t, group in zip(todo, client.generate(reqs)):
+                table[t] = sum(is_correct(t + o.text, gold) for o in group) / c.k
+        for j, steps in enumerate(trajs):
+            if depth < len(steps):
+                t = "".join(steps[: depth + 1])
+                if table.get(t) == 0.0:
+                    dead[j] = True
+        depth += 1
+    return table
+
+
+def _exact_checker(problem: dict):
+    if not str(problem.get("id", "")).startswith("toy-"):
+        return None
+    from app.toy.generator import exact_step_labels
+
+    return lambda steps: exact_step_labels(problem["question"], steps)
+
+
+def load_problem_dicts(c: MCLabelConfig) -> list[dict]:
+    if c.problems in ("toy:train", "toy:test"):
+        from app.toy.generator import toy_problems
+
+        probs = toy_problems(c.problems, n_per_level=c.offset + c.n_per_level, levels=c.levels, seed=c.seed)
+        keep = []
+        for level in c.levels:
+            mine = [p for p in probs if p.level == level]
+            keep += mine[c.offset:]
+        probs = keep
+    else:
+        from app.problems import load_problems
+
+        probs = load_problems(c.problems)
+        if c.limit:
+            probs = probs[: c.limit]
+    return [dict(id=p.id, question=p.question, answer=str(p.answer), level=p.level) for p in probs]
+
+
+def read_done(path: Path) -> set[str]:
+    """Problem ids already fully written. A killed run can leave a torn last line or a problem with only some
+    of its records: those are dropped (the file is rewritten once, atomically) and the problem is redone."""
+    if not path.exists():
+        return set()
+    data = path.read_bytes()
+    lines, by_problem = [], {}
+    for line in data.splitlines(keepends=True):
+        if not line.endswith(b"\n"):
+            break
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            break
+        lines.append((rec["problem_id"], line))
+        by_problem.setdefault(rec["problem_id"], []).append(rec)
+    done = {pid for pid, recs in by_problem.items() if len(recs) == recs[0].get("n_samples", len(recs))}
+    kept = b"".join(line for pid, line in lines if pid in done)
+    if kept != data:
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_bytes(kept)
+        os.replace(tmp, path)
+    return done
+
+
+def run(cfg: MCLabelConfig, pool=None) -> dict:
+    """Label the problems of `cfg` into `cfg.output`. Starts (and stops) a policy pool unless one is given."""
+    import ray
+    from tqdm import tqdm
+
+    out = Path(cfg.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    done = read_done(out)
+    problems = [p for p in load_problem_dicts(cfg) if p["id"] not in done]
+    stats = dict(problems=len(problems), skipped=len(done), trajectories=0, steps=0, seconds=0.0)
+    if not problems:
+        return stats
+    own = pool is None
+    if own:
+        from actors.policy import start_policy_pool
+
+        pool = start_policy_pool(cfg.policy)
+    t0 = time.time()
+    try:
+        client = pool.client()
+        task = ray.remote(num_cpus=0, max_retries=2)(label_problem)
+        cfg_d = cfg.model_dump(mode="json")
+        pending: dict = {}
+        todo = list(problems)
+        bar = tqdm(total=len(problems), desc="mc labels", disable=not cfg.progress, dynamic_ncols=True, mininterval=2.0)
+        with out.open("a") as f:
+            while todo or pending:
+                while todo and len(pending) < cfg.max_in_flight:
+                    p = todo.pop(0)
+                    pending[task.remote(client, p, cfg_d)] = p
+                ready, _ = ray.wait(list(pending), num_returns=1)
+                for ref in ready:
+                    pending.pop(ref)
+                    records = ray.get(ref)
+                    f.write("".join(json.dumps(r) + "\n" for r in records))
+                    f.flush()
+                    os.fsync(f.fileno())
+                    stats["trajectories"] += len(records)
+                    stats["steps"] += sum(len(r["steps"]) for r in records)
+                    bar.update(1)
+        bar.close()
+    finally:
+        if own:
+            pool.shutdown()
+    stats["seconds"] = time.time() - t0
+    return stats
+
+
+def read_labels(path: str | Path) -> list[dict]:
+    from train.sft import read_jsonl
+
+    return read_jsonl(path)
+
+
+def summarize(records: Sequence[dict]) -> dict:
+    """Share of correct trajectories and of positive steps, per level."""
+    by: dict = {}
+    for r in records:
+        d = by.setdefault(r.get("level"), dict(trajectories=0, correct=0, steps=0, hard_pos=0, soft_sum=0.0))
+        d["trajectories"] += 1
+        d["correct"] += bool(r["correct"])
+        d["steps"] += len(r["steps"])
+        d["hard_pos"] += sum(r["hard"])
+        d["soft_sum"] += sum(r["soft"])
+    return by
