@@ -380,4 +380,6 @@ def save_compact(src: str | Path, dst: str | Path, dtype: str = "bfloat16", over
     data.pop("torch_dtype", None)
     cfg_path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     load_tokenizer(str(src)).save_pretrained(dst)
+    for f in dst.iterdir():
+        f.chmod(0o644)
     return dst

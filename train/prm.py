@@ -102,16 +102,7 @@ class PRMTask(TrainTask):
         from actors.prm_model import Qwen2ForProcessRewardModel
 
         if cfg.init_from:
-            from transformers import AutoConfig
-
-            src = resolve_model(cfg.init_from)
-            conf = AutoConfig.from_pretrained(src)
-            tok = self.build_tokenizer()
-            conf.num_labels = 2
-            conf.tie_word_embeddings = False
-            conf.architectures = ["Qwen2ForProcessRewardModel"]
-            conf.step_tag_id = tok.convert_tokens_to_ids("<extra_0>")
-            return Qwen2ForProcessRewardModel.from_pretrained(src, config=conf, dtype=torch.float32)
+            return prm_from_causal_lm(resolve_model(cfg.init_from), self.build_tokenizer())
         if cfg.model.startswith("new:toy-"):
             from app.toy.models import prm_config
 
@@ -199,6 +190,47 @@ class PRMTask(TrainTask):
         if not examples:
             return {}
         return step_auc(self.scores(model, tokenizer, examples), examples)
+
+
+def prm_from_causal_lm(path: str, tokenizer):
+    """A Qwen-layout PRM whose body is the body of the causal LM at `path` (Qwen2 or Llama), head new.
+
+    A Llama body maps onto Qwen2's parameter for parameter (same names, RMSNorm, RoPE, SwiGLU); Qwen2 adds
+    q/k/v biases, which start at zero, so the PRM's body computes exactly what the policy's does.
+    """
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, Qwen2Config
+
+    from actors.prm_model import Qwen2ForProcessRewardModel
+
+    src = AutoConfig.from_pretrained(path)
+    if src.model_type not in ("qwen2", "llama"):
+        raise ConfigError(f"init_from: a {src.model_type} model cannot start a Qwen2-layout PRM (qwen2 or llama)")
+    keys = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+            "intermediate_size", "max_position_embeddings", "rms_norm_eps", "hidden_act", "pad_token_id",
+            "bos_token_id", "eos_token_id", "rope_parameters", "rope_theta", "head_dim")
+    kw = {k: getattr(src, k) for k in keys if getattr(src, k, None) is not None}
+    conf = Qwen2Config(**kw, num_labels=2, tie_word_embeddings=False, use_sliding_window=False)
+    conf.architectures = ["Qwen2ForProcessRewardModel"]
+    conf.step_tag_id = tokenizer.convert_tokens_to_ids("<extra_0>")
+    model = Qwen2ForProcessRewardModel(conf)
+    files = sorted(Path(path).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no safetensors weights in {path}")
+    state = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    body = {k: v.float() for k, v in state.items() if k.startswith("model.")}
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(("q_proj.bias", "k_proj.bias", "v_proj.bias")) and name not in body:
+                param.zero_()
+    missing, unexpected = model.load_state_dict(body, strict=False)
+    bad = [k for k in missing if k.startswith("model.") and not k.endswith(("q_proj.bias", "k_proj.bias", "v_proj.bias"))]
+    if bad or unexpected:
+        raise ConfigError(f"init_from {path}: body weights do not match a Qwen2 body (missing {bad[:3]}, unexpected {unexpected[:3]})")
+    return model
 
 
 def step_auc(scores: list[list[float]], examples: list[dict]) -> dict:

@@ -14,7 +14,8 @@ Semantics, kept identical to `actors.engines.vllm.VLLMEngine` so either engine s
   seeds the children of an n > 1 request the same way), so the result does not depend on what else is in the
   batch; a request without a seed draws fresh randomness;
 - the text is detokenized with special tokens skipped; it ends at *and includes* the earliest stop string
-  (finish_reason "stop", stop_reason the string); the generated token count runs up to the token that completed
+  (finish_reason "stop", stop_reason the string; checked after every token, so the first stop string to
+  complete wins, ties going to the one listed first, as in vLLM); the generated token count runs up to the token that completed
   the stop string (what vLLM reports); EOS ends a row with finish_reason "eos" (the EOS token counts as
   generated, as in vLLM); otherwise "length";
 - cumulative_logprob (when asked) sums the log-probabilities of the chosen tokens under the model's raw
@@ -26,10 +27,21 @@ import os
 import threading
 from typing import Sequence
 
-from actors.engines.engine import Completion, GenerationRequest, apply_stop
+from actors.engines.engine import Completion, GenerationRequest
 
 _DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
            "float16": "float16", "fp16": "float16", "half": "float16"}
+
+
+def match_stop(text: str, stop: Sequence[str]) -> tuple[str, str | None]:
+    """Cut `text` after the stop string that *ends* earliest (ties: the one listed first) -- vLLM's rule, so the
+    two engines report the same `stop_reason` even when two stop strings complete on the same token."""
+    best_end, which = None, None
+    for s in stop:
+        i = text.find(s)
+        if i >= 0 and (best_end is None or i + len(s) < best_end):
+            best_end, which = i + len(s), s
+    return (text, None) if which is None else (text[:best_end], which)
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False):
@@ -211,7 +223,7 @@ class HFEngine:
                         finish = "eos"
                     elif r.stop:
                         text = self.tokenizer.decode(generated[b], skip_special_tokens=True)
-                        cut, which = apply_stop(text, r.stop)
+                        cut, which = match_stop(text, r.stop)
                         if which is not None:
                             finish, stop_reason, texts[b] = "stop", which, cut
                     if finish is None and len(generated[b]) >= budget[b]:

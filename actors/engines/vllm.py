@@ -126,7 +126,10 @@ class VLLMEngine:
         if max_num_seqs is not None:
             args["max_num_seqs"] = max_num_seqs
         if tensor_parallel_size > 1:
+            # vLLM's "ray" executor starts one worker per bundle of the placement group this actor runs in (the
+            # pool made one GPU bundle per rank); the actor itself holds no GPU, so let the workers see them all.
             args.setdefault("distributed_executor_backend", "ray")
+            os.environ.pop("CUDA_VISIBLE_DEVICES", None)
         args.update(engine_args)
         self.engine_args = args
 

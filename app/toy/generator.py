@@ -1,35 +1,38 @@
-"""The toy world's problems: sums and differences of integers, solved one operation per step.
+"""The toy world's problems: sums and differences of small integers, solved one operation per step.
 
-A problem is an expression such as `What is 47 + 18 - 23 + 5?`. Its solution combines two terms per step and
-writes what is left, so a tiny model never has to remember which terms it has used::
+A problem is an expression such as `What is 7 + 12 - 5 + 9?`. Its solution combines two neighbouring terms per
+step and writes what is left, so a tiny model never has to remember which terms it has used::
 
-    47 - 23 = 24. Left: 24 + 18 + 5.
+    12 - 5 = 7. Left: 7 + 7 + 9.
 
-    18 + 5 = 23. Left: 24 + 23.
+    7 + 9 = 16. Left: 7 + 16.
 
-    24 + 23 = 47.
+    7 + 16 = 23.
 
-    The answer is \\boxed{47}.
+    The answer is \\boxed{23}.
 
 Steps are separated by "\\n\\n" and the last one is always `The answer is \\boxed{N}` (N an integer >= 0).
 
 Why this shape (it is what makes test-time compute matter in the toy world):
 
-- Difficulty is graded by the number of terms (steps) and the size of the numbers (digits to carry):
-  `LEVELS` below. A ~3M-parameter character model learns it in minutes; it solves level 1 mostly and level 5
-  rarely, because one slipped carry anywhere propagates to the answer.
-- Every step may combine *any* two terms (a positive with a positive by `+`, a positive with a subtracted term
-  by `-` when the result stays >= 0), and the training solutions pick the order at random. So the policy learns
-  a distribution over solution paths: samples take different paths whose slips are nearly independent, which is
-  exactly where majority voting (self-consistency) beats greedy decoding, and where a PRM can find the good path.
-- The answer is never negative, and no intermediate value is either.
+- Difficulty is graded by the number of terms (steps) and the size of the numbers (`LEVELS`): level 1 is three
+  numbers up to 12, level 5 six numbers from 10 to 49. A tiny character model trained for minutes on 2 CPU cores
+  solves level 1 mostly and level 5 rarely: each step is a chance to slip (a carry, a copied term), and one slip
+  anywhere propagates to the answer.
+- A step may combine any two neighbouring terms whose first is added (`a + b`, or `a - b` when that is not
+  negative), and the training solutions pick among them at random. So the policy learns a distribution over
+  solution paths: samples take different paths whose slips are nearly independent, which is where majority
+  voting (self-consistency) beats greedy decoding and where a PRM can pick the good path. Combining neighbours
+  keeps the rewritten expression a local edit (copy, replace two terms by their result, copy), which a 2-layer
+  model learns far sooner than tracking arbitrary pairs.
+- No answer or intermediate value is negative, and no order of valid steps gets stuck (`solvable`).
 
 The policy's prompt is plain text (the toy tokenizer has no chat template): `toy_prompt(problem)` =
 `"Question: {question}\\n\\nAnswer:\\n\\n"`; the model then writes the steps, each ending in "\\n\\n", and EOS.
 
 Splits: a problem belongs to `test` when a hash of its question text falls in the test bucket (1 in 8), else to
 `train`, so the two splits never share a problem whatever the seed, level or count. Everything is deterministic
-from the seed.
+from the seed. Sources `toy:train` / `toy:test` (`load_toy`, `toy_problems`) give `app.problems.Problem` records.
 """
 from __future__ import annotations
 
@@ -53,11 +56,11 @@ class Level:
 
 
 LEVELS: dict[int, Level] = {
-    1: Level(terms=2, low=1, high=9, p_minus=0.4),
-    2: Level(terms=3, low=1, high=9, p_minus=0.4),
-    3: Level(terms=3, low=2, high=29, p_minus=0.4),
-    4: Level(terms=4, low=5, high=49, p_minus=0.4),
-    5: Level(terms=5, low=10, high=99, p_minus=0.4),
+    1: Level(terms=3, low=1, high=12, p_minus=0.3),
+    2: Level(terms=4, low=1, high=15, p_minus=0.3),
+    3: Level(terms=5, low=1, high=19, p_minus=0.3),
+    4: Level(terms=6, low=1, high=29, p_minus=0.3),
+    5: Level(terms=6, low=10, high=49, p_minus=0.3),
 }
 
 
@@ -97,24 +100,32 @@ def sample_terms(rng: random.Random, level: int) -> Terms:
         terms = [(1, rng.randint(spec.low, spec.high))]
         for _ in range(spec.terms - 1):
             terms.append((-1 if rng.random() < spec.p_minus else 1, rng.randint(spec.low, spec.high)))
-        if evaluate(terms) >= 0:
+        if evaluate(terms) >= 0 and solvable(terms):
             return terms
 
 
 def moves(terms: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
-    """Valid steps: (i, j), i the positive operand, j the other one, i < j when both are positive."""
+    """Valid steps: adjacent terms (i, i + 1) where term i is added and the result is not negative."""
     out = []
-    for i, (si, vi) in enumerate(terms):
-        if si < 0:
-            continue
-        for j, (sj, vj) in enumerate(terms):
-            if j == i:
-                continue
-            if sj > 0 and j > i:
-                out.append((i, j))
-            elif sj < 0 and vi >= vj:
-                out.append((i, j))
+    for i in range(len(terms) - 1):
+        (si, a), (sj, b) = terms[i], terms[i + 1]
+        if si > 0 and (sj > 0 or a >= b):
+            out.append((i, i + 1))
     return out
+
+
+def solvable(terms: Sequence[tuple[int, int]], _memo: dict | None = None) -> bool:
+    """No order of valid steps gets stuck (a state of several terms with no valid step)."""
+    memo = {} if _memo is None else _memo
+    key = tuple(terms)
+    if key in memo:
+        return memo[key]
+    if len(terms) == 1:
+        return True
+    options = moves(terms)
+    ok = bool(options) and all(solvable(apply_move(terms, i, j)[1], memo) for i, j in options)
+    memo[key] = ok
+    return ok
 
 
 def apply_move(terms: Sequence[tuple[int, int]], i: int, j: int) -> tuple[str, Terms]:
@@ -130,8 +141,7 @@ def apply_move(terms: Sequence[tuple[int, int]], i: int, j: int) -> tuple[str, T
 def solve(terms: Sequence[tuple[int, int]], rng: random.Random | None = None) -> list[str]:
     """A step-by-step solution; with `rng` the order of operations is random, else always the first valid move.
 
-    There is never a dead end: the positives always sum to at least the subtracted terms, so either two
-    positives can be added or the single positive left covers every subtracted term.
+    Problems are generated `solvable`, so every order of valid steps reaches the answer.
     """
     terms = list(terms)
     steps = []

@@ -1,0 +1,51 @@
+"""`ponder toy build --quick` end to end: SFT on Ray Train + DeepSpeed, MC labels through a policy pool, PRM."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from app.toy import CHECKPOINTS
+
+
+@pytest.mark.slow
+def test_build_quick_end_to_end(ray_cluster, tmp_path, capsys):
+    from jobs.toy import main
+
+    out = tmp_path / "ckpt"
+    before = {p: p.stat().st_mtime for p in CHECKPOINTS.rglob("*") if p.is_file()}
+    rc = main(["build", "--quick", "--out", str(out), f"work_dir={tmp_path / 'work'}",
+               "sft.n_per_level=60", "mc.n_per_level=2", "mc.heldout_per_level=1"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "toy world built into" in text
+    for name, weights in (("policy", "model.safetensors"), ("prm", "model.safetensors")):
+        folder = out / name
+        for f in ("config.json", weights, "tokenizer.json", "tokenizer_config.json"):
+            assert (folder / f).is_file(), (name, f)
+        cfg = json.loads((folder / "config.json").read_text())
+        assert cfg["dtype"] == "float32"
+        assert (folder / weights).stat().st_size < 8 * 2**20
+    assert json.loads((out / "prm" / "config.json").read_text())["architectures"] == ["Qwen2ForProcessRewardModel"]
+    held = [json.loads(x) for x in (out / "heldout_mc.jsonl").read_text().splitlines()]
+    assert held and all(len(r["soft"]) == len(r["steps"]) for r in held)
+    summary = json.loads((out / "build.json").read_text())
+    assert summary["seconds"]["total"] > 0
+    # the shipped checkpoints were not touched
+    assert before == {p: p.stat().st_mtime for p in CHECKPOINTS.rglob("*") if p.is_file()}
+
+    # the built models load through the same code as the shipped ones, in float32
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from actors.prm_model import Qwen2ForProcessRewardModel
+
+    assert AutoModelForCausalLM.from_pretrained(out / "policy").dtype == torch.float32
+    assert Qwen2ForProcessRewardModel.from_pretrained(out / "prm").dtype == torch.float32
+
+
+def test_quick_refuses_to_overwrite_shipped(capsys):
+    from jobs.toy import main
+
+    assert main(["build", "--quick", "--out", str(CHECKPOINTS)]) == 2
+    assert "shipped" in capsys.readouterr().err
