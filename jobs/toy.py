@@ -251,10 +251,11 @@ def evaluate(cfg: ToyConfig, models: Path, progress: bool = True) -> dict:
 
     @ray.remote(num_cpus=0)
     def solve(client, prompt: str, seed: int):
-        greedy = client.generate([GenerationRequest(prompt, n=1, max_tokens=e.max_tokens, temperature=0.0)])[0][0]
-        samples = client.generate([GenerationRequest(prompt, n=e.n, max_tokens=e.max_tokens, temperature=e.temperature,
-                                                     seed=seed)])[0]
-        return greedy.text, [c.text for c in samples]
+        greedy, samples = client.generate([
+            GenerationRequest(prompt, n=1, max_tokens=e.max_tokens, temperature=0.0),
+            GenerationRequest(prompt, n=e.n, max_tokens=e.max_tokens, temperature=e.temperature, seed=seed),
+        ])
+        return greedy[0].text, [c.text for c in samples]
 
     t0 = time.time()
     results: dict[int, tuple[str, list[str]]] = {}

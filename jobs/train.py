@@ -49,11 +49,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = recipe_parser("ponder train", "SFT or PRM training on Ray Train + DeepSpeed (job: sft | prm in the recipe)")
     args = p.parse_args(argv)
     cfg = load(args.config, args.overrides)
-    init_ray()
     if cfg.job == "sft":
-        from train.sft import train
+        from train.sft import check, train
     else:
-        from train.prm import train
+        from train.prm import check, train
+    check(cfg)  # missing files fail here, before Ray starts
+    init_ray()
     result, path = train(cfg)
     metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
     print(f"{cfg.job}: done; model at {path}")

@@ -49,12 +49,12 @@ class ScriptedToyPolicy:
             else:
                 steps = split_steps(prefix)
                 ok = all(exact_step_labels(question, steps))
-                left = re.search(r"Left: (.*)\.\n\n$", prefix)
-                if left:
-                    rest = solve(parse_expression(left.group(1)))
-                else:
-                    value = re.search(r"= (\d+)\.", steps[-1]).group(1)
-                    rest = [f"The answer is \\boxed{{{value}}}."]
+                last = steps[-1].strip()
+                final = re.fullmatch(r"\d+ [+-] \d+ = (\d+)\.", last)
+                if final:
+                    rest = [f"The answer is \\boxed{{{final.group(1)}}}."]
+                else:  # "... (a + b) ... = expression left."
+                    rest = solve(parse_expression(last.rsplit(" = ", 1)[1].rstrip(".")))
                 good = "\n\n".join(rest)
                 texts = [good if ok and j < RIGHT_OF_K else "The answer is \\boxed{-1}." for j in range(r.n)]
             out.append([Completion(t, 10, len(t), "eos") for t in texts])
@@ -106,7 +106,7 @@ def test_skip_after_zero_saves_completions(tmp_path):
                 return out
             # the odd sample slips at its first step instead
             sol = out[0][0].text.split("\n\n")
-            m = re.match(r"(.*= )(\d+)(\..*)$", sol[0])
+            m = re.match(r"(.* = )(\d+)(.*)$", sol[0])
             sol[0] = f"{m.group(1)}{int(m.group(2)) + 1}{m.group(3)}"
             out[0][1] = Completion("\n\n".join(sol), 10, 10, "eos")
             return out

@@ -10,7 +10,8 @@ from app.search.tree import split_steps
 from app.toy.generator import (LEVELS, STEP_SEP, apply_move, evaluate, exact_step_labels, moves, parse_expression,
                                sample_terms, sft_examples, solve, split_of, toy_problems, toy_prompt)
 
-STEP = re.compile(r"^(\d+) ([+-]) (\d+) = (\d+)\.(?: Left: (.*)\.)?$")
+LAST = re.compile(r"^(\d+) ([+-]) (\d+) = (\d+)\.$")
+BRACKET = re.compile(r"^(.*)\((\d+) ([+-]) (\d+)\)(.*) = (.*)\.$")
 
 
 @pytest.fixture(scope="module")
@@ -54,27 +55,33 @@ def test_answers_are_the_value_of_the_expression(test_set):
 def test_steps_are_well_formed_and_true(test_set):
     for p in test_set:
         steps = p.solution.split(STEP_SEP)
-        expr = p.question[len("What is "):-1]
-        assert len(steps) == len(parse_expression(expr))  # one step per operation, then the answer
-        for s in steps[:-1]:
-            m = STEP.match(s)
+        terms = parse_expression(p.question[len("What is "):-1])
+        assert len(steps) == len(terms)  # one step per operation, then the answer
+        for s in steps[:-2]:
+            m = BRACKET.match(s)
             assert m, s
-            a, op, b, c, left = m.groups()
-            assert (int(a) + int(b) if op == "+" else int(a) - int(b)) == int(c) >= 0
-            if left is not None:
-                assert eval(left) == int(p.answer)  # noqa: S307
-            else:
-                assert int(c) == int(p.answer)
+            pre, a, op, b, post, after = m.groups()
+            assert parse_expression(f"{pre}{a} {op} {b}{post}") == terms  # a faithful copy, brackets added
+            value = int(a) + int(b) if op == "+" else int(a) - int(b)
+            assert value >= 0
+            assert after == f"{pre}{value}{post}"  # the bracket replaced by its value
+            terms = parse_expression(after)
+            assert eval(after) == int(p.answer)  # noqa: S307 - our own digits and +/-
+        m = LAST.match(steps[-2])
+        assert m, steps[-2]
+        a, op, b, c = m.groups()
+        assert (int(a) + int(b) if op == "+" else int(a) - int(b)) == int(c) == int(p.answer)
         assert exact_step_labels(p.question, split_steps(p.solution)) == [1] * len(steps)
 
 
 def test_exact_labels_catch_a_slip():
     p = toy_problems("test", n_per_level=1, levels=[4])[0]
     steps = split_steps(p.solution)
-    m = STEP.match(steps[1].strip())
-    wrong = str(int(m.group(4)) + 1)
-    steps[1] = steps[1].replace(f"= {m.group(4)}.", f"= {wrong}.", 1)
-    assert exact_step_labels(p.question, steps) == [1, 0, 0, 0]
+    head, tail = steps[1].rsplit(" = ", 1)
+    first = tail.split(" ")[0]
+    steps[1] = f"{head} = {tail.replace(first, str(int(first) + 1), 1)}"
+    assert exact_step_labels(p.question, steps) == [1] + [0] * (len(steps) - 1)
+    assert exact_step_labels(p.question, steps[:1]) == [1]
 
 
 def test_random_orders_cover_several_paths():

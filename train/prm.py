@@ -255,11 +255,21 @@ def math_shepherd_loss(model, batch, label_ids: tuple[int, int]):
     return F.cross_entropy(pair, torch.stack([p, 1 - p], dim=-1))
 
 
-def train(cfg: PRMTrainConfig):
-    """Train the PRM; returns (Ray Train result, path of the exported model)."""
+def check(cfg: PRMTrainConfig) -> None:
+    """What can be checked without Ray: the data files and the models exist."""
     for p in (cfg.data, cfg.eval_data):
         if p and not Path(p).is_file():
             raise FileNotFoundError(f"prm data not found: {p}")
+    from actors.pool import check_model
+
+    for m in (cfg.init_from, None if cfg.model.startswith("new:toy-") else cfg.model):
+        if m:
+            check_model(m)
+
+
+def train(cfg: PRMTrainConfig):
+    """Train the PRM; returns (Ray Train result, path of the exported model)."""
+    check(cfg)
     result = fit(PRMTask(cfg), cfg.train, desc="prm")
     if result.error:
         raise result.error

@@ -165,10 +165,19 @@ def toy_greedy_accuracy(model, tokenizer, n_per_level: int, levels=(1, 2, 3, 4, 
     return {f"greedy_L{k}": sum(v) / len(v) for k, v in res.items()}
 
 
-def train(cfg: SFTConfig):
-    """Run SFT; returns (Ray Train result, path of the exported model: `output` if given, else the checkpoint's)."""
+def check(cfg: SFTConfig) -> None:
+    """What can be checked without Ray: the data file and the model exist."""
     if cfg.data != "toy:train" and not Path(cfg.data).is_file():
         raise FileNotFoundError(f"sft data not found: {cfg.data}")
+    if not cfg.model.startswith("new:toy-"):
+        from actors.pool import check_model
+
+        check_model(cfg.model)
+
+
+def train(cfg: SFTConfig):
+    """Run SFT; returns (Ray Train result, path of the exported model: `output` if given, else the checkpoint's)."""
+    check(cfg)
     result = fit(SFTTask(cfg), cfg.train, desc="sft")
     if result.error:
         raise result.error

@@ -1,30 +1,33 @@
 """The toy world's problems: sums and differences of small integers, solved one operation per step.
 
-A problem is an expression such as `What is 7 + 12 - 5 + 9?`. Its solution combines two neighbouring terms per
-step and writes what is left, so a tiny model never has to remember which terms it has used::
+A problem is an expression such as `What is 7 + 12 - 5 + 9?`. Each step puts brackets around two neighbouring
+terms and rewrites the expression with their value, so a tiny model never has to remember what it has used::
 
-    12 - 5 = 7. Left: 7 + 7 + 9.
+    7 + (12 - 5) + 9 = 7 + 7 + 9.
 
-    7 + 9 = 16. Left: 7 + 16.
+    7 + (7 + 9) = 7 + 16.
 
     7 + 16 = 23.
 
     The answer is \\boxed{23}.
 
-Steps are separated by "\\n\\n" and the last one is always `The answer is \\boxed{N}` (N an integer >= 0).
+Steps are separated by "\\n\\n"; the last computation is a plain `a + b = c.` and the last step is always
+`The answer is \\boxed{N}` (N an integer >= 0).
 
 Why this shape (it is what makes test-time compute matter in the toy world):
 
 - Difficulty is graded by the number of terms (steps) and the size of the numbers (`LEVELS`): level 1 is three
-  numbers up to 12, level 5 six numbers from 10 to 49. A tiny character model trained for minutes on 2 CPU cores
-  solves level 1 mostly and level 5 rarely: each step is a chance to slip (a carry, a copied term), and one slip
+  numbers up to 12, level 5 seven numbers up to 15. A tiny character model trained for minutes on 2 CPU cores
+  solves level 1 mostly and level 5 rarely: each step is a chance to slip (a copied term, a carry), and one slip
   anywhere propagates to the answer.
 - A step may combine any two neighbouring terms whose first is added (`a + b`, or `a - b` when that is not
   negative), and the training solutions pick among them at random. So the policy learns a distribution over
   solution paths: samples take different paths whose slips are nearly independent, which is where majority
-  voting (self-consistency) beats greedy decoding and where a PRM can pick the good path. Combining neighbours
-  keeps the rewritten expression a local edit (copy, replace two terms by their result, copy), which a 2-layer
-  model learns far sooner than tracking arbitrary pairs.
+  voting (self-consistency) beats greedy decoding and where a PRM can pick the good path.
+- Every step is a local edit of the line before it: copy the expression with brackets inserted, then copy it
+  again with the bracket replaced by its value. A 2-layer model learns such copies far sooner than tracking
+  which terms are left (measured: the bracketed layout roughly doubles accuracy on levels 2-4 at equal compute
+  over `a + b = c. Left: ...`, which `STYLE = "left"` still produces).
 - No answer or intermediate value is negative, and no order of valid steps gets stuck (`solvable`).
 
 The policy's prompt is plain text (the toy tokenizer has no chat template): `toy_prompt(problem)` =
@@ -56,11 +59,11 @@ class Level:
 
 
 LEVELS: dict[int, Level] = {
-    1: Level(terms=3, low=1, high=12, p_minus=0.3),
-    2: Level(terms=4, low=1, high=15, p_minus=0.3),
-    3: Level(terms=5, low=1, high=19, p_minus=0.3),
-    4: Level(terms=6, low=1, high=29, p_minus=0.3),
-    5: Level(terms=6, low=10, high=49, p_minus=0.3),
+    1: Level(terms=3, low=1, high=12, p_minus=0.25),
+    2: Level(terms=4, low=1, high=9, p_minus=0.25),
+    3: Level(terms=5, low=1, high=9, p_minus=0.25),
+    4: Level(terms=6, low=1, high=12, p_minus=0.25),
+    5: Level(terms=7, low=1, high=15, p_minus=0.25),
 }
 
 
@@ -88,6 +91,18 @@ def render(terms: Sequence[tuple[int, int]]) -> str:
     for sign, value in terms[1:]:
         out += f" {'+' if sign > 0 else '-'} {value}"
     return out
+
+
+def render_bracket(terms: Sequence[tuple[int, int]], i: int) -> str:
+    """The expression with terms i and i + 1 in brackets: `4 + (7 + 3) + 3`."""
+    parts = [str(terms[0][1])] + [f"{'+' if s > 0 else '-'} {v}" for s, v in terms[1:]]
+    first = parts[i].split(" ")
+    parts[i] = f"({first[0]}" if i == 0 else f"{first[0]} ({first[1]}"
+    parts[i + 1] = parts[i + 1] + ")"
+    return " ".join(parts)
+
+
+STYLE = "bracket"  # "left": `a + b = c. Left: rest.` (an older layout, harder for a 2-layer model)
 
 
 def evaluate(terms: Sequence[tuple[int, int]]) -> int:
@@ -148,8 +163,12 @@ def solve(terms: Sequence[tuple[int, int]], rng: random.Random | None = None) ->
     while len(terms) > 1:
         options = moves(terms)
         i, j = rng.choice(options) if rng is not None else options[0]
+        before = terms
         text, terms = apply_move(terms, i, j)
-        steps.append(f"{text}." if len(terms) == 1 else f"{text}. Left: {render(terms)}.")
+        if STYLE == "bracket":
+            steps.append(f"{text}." if len(terms) == 1 else f"{render_bracket(before, i)} = {render(terms)}.")
+        else:
+            steps.append(f"{text}." if len(terms) == 1 else f"{text}. Left: {render(terms)}.")
     steps.append(f"The answer is \\boxed{{{terms[0][1]}}}.")
     return steps
 
@@ -274,6 +293,7 @@ def sft_examples(n_per_level: int, levels: Sequence[int] = (1, 2, 3, 4, 5), seed
     return out
 
 
+_BRACKET = re.compile(r"^\s*([0-9+\- ()]*\([0-9+\- ]+\)[0-9+\- ()]*) = ([0-9+\- ]+)\.\s*$", re.S)
 _STEP = re.compile(r"^\s*(\d+) ([+-]) (\d+) = (-?\d+)\.(?: Left: (.*)\.)?\s*$", re.S)
 
 
@@ -308,6 +328,7 @@ def exact_step_labels(question: str, steps: Sequence[str]) -> list[int]:
         if ok:
             box = re.fullmatch(r"The answer is \\boxed\{(-?\d+)\}\.?", s)
             st = _STEP.match(s)
+            br = _BRACKET.match(s)
             if box:
                 ok = int(box.group(1)) == gold and n_terms == 1
             elif st:
@@ -320,6 +341,12 @@ def exact_step_labels(question: str, steps: Sequence[str]) -> list[int]:
                 else:
                     ok = ok and n_terms == 2 and c == gold
                     n_terms = 1
+            elif br:
+                before = parse_expression(br.group(1).replace("(", "").replace(")", ""))
+                left = parse_expression(br.group(2))
+                ok = (before is not None and left is not None and len(before) == n_terms
+                      and evaluate(before) == gold and len(left) == n_terms - 1 and evaluate(left) == gold)
+                n_terms = len(left) if left else n_terms - 1
             else:
                 ok = False
         out.append(int(ok))

@@ -1,0 +1,74 @@
+"""PRM training pieces without Ray: the input layout is the PRM actor's, labels sit at the tags, the
+Math-Shepherd loss reads the '+'/'-' logits AT the tag position, and the AUC."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from train.prm import PRMTask, PRMTrainConfig, auc, math_shepherd_loss
+
+RECORD = {"question": "What is 1 + 2 + 3?", "steps": ["(1 + 2) + 3 = 3 + 3.\n\n", "3 + 3 = 6.\n\n", "The answer is \\boxed{6}."],
+          "soft": [0.75, 0.5, 1.0], "hard": [1, 1, 1]}
+
+
+def test_auc():
+    assert auc([0.1, 0.2, 0.8, 0.9], [0, 0, 1, 1]) == 1.0
+    assert auc([0.9, 0.8, 0.2, 0.1], [0, 0, 1, 1]) == 0.0
+    assert auc([0.5, 0.5, 0.5, 0.5], [0, 1, 0, 1]) == 0.5
+    assert auc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]) == 0.75
+    assert math.isnan(auc([0.1, 0.2], [1, 1]))
+
+
+def test_qwen_layout_matches_the_prm_actor():
+    from actors.prm import QwenPRMFormat
+    from app.toy.tokenizer import build_tokenizer
+
+    tok = build_tokenizer()
+    task = PRMTask(PRMTrainConfig(data="unused.jsonl"))
+    (ex,), dropped = task.encode_records([RECORD], tok)
+    assert dropped == 0
+    enc = QwenPRMFormat(tok).encode(RECORD["question"], RECORD["steps"])
+    assert ex["input_ids"] == list(enc.input_ids) and ex["positions"] == list(enc.positions)
+    text = tok.decode(ex["input_ids"])
+    assert text == "What is 1 + 2 + 3?\n\n(1 + 2) + 3 = 3 + 3.<extra_0>3 + 3 = 6.<extra_0>The answer is \\boxed{6}.<extra_0>"
+    batch = task.collate([ex], tok)
+    labels = batch["step_labels"][0]
+    assert labels[ex["positions"]].tolist() == RECORD["soft"]
+    assert (labels >= 0).sum() == 3
+    hard = PRMTask(PRMTrainConfig(data="unused.jsonl", labels="hard")).encode_records([RECORD], tok)[0][0]
+    assert hard["labels"] == [1.0, 1.0, 1.0]
+
+
+def test_math_shepherd_loss_reads_the_tag_position():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from actors.prm import MathShepherdFormat
+    from app.toy.tokenizer import build_tokenizer
+
+    tok = build_tokenizer()
+    tok.add_tokens(["ки"])
+    fmt = MathShepherdFormat(tok)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=64, num_hidden_layers=1,
+                                         num_attention_heads=1, num_key_value_heads=1, head_dim=64,
+                                         intermediate_size=64))
+    task = PRMTask(PRMTrainConfig(data="unused.jsonl", format="math-shepherd", model="unused"))
+    task._ids = fmt.label_ids
+    (ex,), _ = task.encode_records([RECORD], tok)
+    assert [ex["input_ids"][p] for p in ex["positions"]] == [fmt.step_tag_id] * 3
+    batch = task.collate([ex], tok)
+    loss = math_shepherd_loss(model, batch, fmt.label_ids)
+    logits = model(input_ids=batch["input_ids"]).logits[0]
+    good, bad = fmt.label_ids
+    manual = 0.0
+    for pos, p in zip(ex["positions"], RECORD["soft"]):
+        logp = logits[pos, [good, bad]].log_softmax(-1)
+        manual += -(p * logp[0] + (1 - p) * logp[1])
+    assert loss.item() == pytest.approx(manual.item() / 3, rel=1e-5)
+    # not one position off (OpenR's training script reads the logits before the tag)
+    shifted = sum(-(p * logits[pos - 1, [good, bad]].log_softmax(-1)[0]
+                    + (1 - p) * logits[pos - 1, [good, bad]].log_softmax(-1)[1])
+                  for pos, p in zip(ex["positions"], RECORD["soft"])) / 3
+    assert abs(loss.item() - shifted.item()) > 1e-4
