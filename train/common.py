@@ -290,7 +290,8 @@ def worker_loop(config: dict) -> None:
             state["step_in_epoch"] = (mi + 1) // cfg.grad_accum
             bar.update(1)
             if state["global_step"] % 10 == 0:
-                bar.set_postfix(epoch=epoch, loss=f"{loss_sum / loss_n:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+                bar.set_postfix(epoch=epoch, loss=f"{loss_sum / loss_n:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}",
+                                refresh=False)
             last = state["global_step"] >= total_steps
             at_end = state["step_in_epoch"] >= steps_per_epoch
             if cfg.checkpoint_every_steps and state["global_step"] % cfg.checkpoint_every_steps == 0 and not (last or at_end):
