@@ -10,12 +10,13 @@ tokenizer) and `heldout_mc.jsonl` (MC labels on test problems, for eval's step A
 then print a summary. Without --quick the output is the shipped location (`app/toy/checkpoints`); --quick
 builds a smaller world into --out (default `runs/toy-quick/checkpoints`) and refuses to write into the shipped
 location unless --force. Intermediate files and Ray Train checkpoints go to `work_dir`; a build that is killed
-resumes where it stopped when run again with the same config (runs are named by a hash of the config).
+resumes where it stopped when run again with the same config (each stage is named by a hash of the settings it
+depends on, so changing only the MC or PRM settings reuses the finished policy).
 
 eval: on `eval.n_per_level` held-out problems per level: greedy accuracy, accuracy of one sample at the eval
-temperature, majority@N, PRM best-of-N (score of the last step) and PRM-weighted majority@N, pass@N; and the
-PRM's step-level ROC AUC on the held-out MC labels (against the hard labels; against the true step correctness
-too). --json prints one object (keys "1".."5" per level and "all") as the last line.
+temperature, majority@N, PRM best-of-N (by the last step's score, and by the lowest step score), PRM-weighted
+majority@N, pass@N; and the PRM's step-level ROC AUC on the held-out MC labels (against the hard labels; against
+the true step correctness too). --json prints one object (keys "1".."5" per level and "all") as the last line.
 """
 from __future__ import annotations
 
@@ -76,7 +77,7 @@ class ToyEval(BaseConfig):
     max_tokens: int = 320
     replicas: int = 2
     max_batch: int = 64
-    max_in_flight: int = 16
+    max_in_flight: int = 8
 
 
 class ToyConfig(BaseConfig):
@@ -136,15 +137,20 @@ def build(cfg: ToyConfig, out: Path) -> dict:
     work = Path(cfg.work_dir).resolve()
     work.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
-    tag = _hash(cfg.model_dump(mode="json", exclude={"eval", "out", "work_dir", "quick"}))
+    # Each stage's run is named by a hash of what it depends on, so a changed MC or PRM setting reuses the
+    # finished SFT run (Ray Train returns its checkpoint at once) and a killed build resumes its stage.
+    base = {"seed": cfg.seed, "levels": cfg.levels}
+    sft_tag = _hash({**base, "sft": cfg.sft.model_dump(mode="json")})
+    mc_tag = _hash({"sft": sft_tag, "mc": cfg.mc.model_dump(mode="json")})
+    tag = _hash({"mc": mc_tag, "prm": cfg.prm.model_dump(mode="json")})
     times: dict[str, float] = {}
-    summary: dict = {"config_hash": tag}
+    summary: dict = {"runs": {"sft": sft_tag, "mc": mc_tag, "prm": tag}}
     t_all = time.time()
 
     # 1-2. data + SFT
     t0 = time.time()
     s = cfg.sft
-    sft_train = s.train.model_copy(update=dict(name=f"toy-sft-{tag}", storage_path=str(work / "ray"), seed=cfg.seed))
+    sft_train = s.train.model_copy(update=dict(name=f"toy-sft-{sft_tag}", storage_path=str(work / "ray"), seed=cfg.seed))
     sft_cfg = SFTConfig(model=f"new:toy-{s.size}", data="toy:train",
                         toy=ToyData(n_per_level=s.n_per_level, levels=s.levels, orders_per_problem=s.orders_per_problem,
                                     level_weights=s.level_weights, seed=cfg.seed),
@@ -162,8 +168,8 @@ def build(cfg: ToyConfig, out: Path) -> dict:
         common = dict(samples=m.samples, k=m.k, temperature=m.temperature, max_tokens=m.max_tokens,
                       skip_after_zero=m.skip_after_zero, max_in_flight=m.max_in_flight, seed=cfg.seed,
                       levels=cfg.levels)
-        train_mc = work / f"mc_train-{tag}.jsonl"
-        held_mc = work / f"mc_heldout-{tag}.jsonl"
+        train_mc = work / f"mc_train-{mc_tag}.jsonl"
+        held_mc = work / f"mc_heldout-{mc_tag}.jsonl"
         st1 = run_mc(MCLabelConfig(problems="toy:train", n_per_level=m.n_per_level, output=str(train_mc), **common), pool)
         st2 = run_mc(MCLabelConfig(problems="toy:test", n_per_level=m.heldout_per_level, output=str(held_mc), **common), pool)
     finally:
@@ -239,7 +245,7 @@ def evaluate(cfg: ToyConfig, models: Path, progress: bool = True) -> dict:
     from app.toy.generator import exact_step_labels, toy_problems, toy_prompt
     from train.prm import auc
     from train.sft import read_jsonl
-    from train.synthesize.mc_labels import is_correct
+    from train.synthesize.mc_labels import is_correct, spread_calls
 
     e = cfg.eval
     for name in ("policy", "prm"):
@@ -251,6 +257,7 @@ def evaluate(cfg: ToyConfig, models: Path, progress: bool = True) -> dict:
 
     @ray.remote(num_cpus=0)
     def solve(client, prompt: str, seed: int):
+        spread_calls(client)
         greedy, samples = client.generate([
             GenerationRequest(prompt, n=1, max_tokens=e.max_tokens, temperature=0.0),
             GenerationRequest(prompt, n=e.n, max_tokens=e.max_tokens, temperature=e.temperature, seed=seed),
@@ -285,24 +292,25 @@ def evaluate(cfg: ToyConfig, models: Path, progress: bool = True) -> dict:
     scores = []
     for lo in tqdm(range(0, len(enc), 256), desc="eval: PRM", disable=not progress, dynamic_ncols=True, mininterval=2.0):
         scores += engine.score(enc[lo:lo + 256])
-    per_problem: dict[int, list[float]] = {}
+    per_problem: dict[int, list[list[float]]] = {}
     for (i, _), s in zip(trajs, scores):
-        per_problem.setdefault(i, []).append(s[-1] if s else 0.0)
+        per_problem.setdefault(i, []).append(s or [0.0])
 
     rows: dict[str, dict] = {}
     by_level: dict[int, list[dict]] = {}
     for i, p in enumerate(problems):
         greedy, samples = results[i]
         answers = [extract_answer(t) for t in samples]
-        last = per_problem[i]
-        best = samples[max(range(len(samples)), key=lambda j: last[j])]
+        last = [s[-1] for s in per_problem[i]]
+        low = [min(s) for s in per_problem[i]]
         maj = _majority(answers)
         wmaj = _weighted(answers, last)
         by_level.setdefault(p.level, []).append(dict(
             greedy=is_correct(greedy, p.answer),
             sample=sum(is_correct(t, p.answer) for t in samples) / len(samples),
             majority=maj is not None and is_correct(f"\\boxed{{{maj}}}", p.answer),
-            prm_best=is_correct(best, p.answer),
+            prm_best=is_correct(samples[max(range(len(samples)), key=lambda j: last[j])], p.answer),
+            prm_best_min=is_correct(samples[max(range(len(samples)), key=lambda j: low[j])], p.answer),
             prm_weighted=wmaj is not None and is_correct(f"\\boxed{{{wmaj}}}", p.answer),
             pass_n=any(is_correct(t, p.answer) for t in samples),
         ))
@@ -316,7 +324,8 @@ def evaluate(cfg: ToyConfig, models: Path, progress: bool = True) -> dict:
 
     n = e.n
     names = dict(greedy="greedy", sample=f"sample_t{e.temperature:g}", majority=f"majority@{n}",
-                 prm_best=f"prm_best_of_{n}", prm_weighted=f"prm_weighted@{n}", pass_n=f"pass@{n}")
+                 prm_best=f"prm_best_of_{n}", prm_best_min=f"prm_min_best_of_{n}", prm_weighted=f"prm_weighted@{n}",
+                 pass_n=f"pass@{n}")
 
     def table(items: list[dict], held_rows: list[int]) -> dict:
         d = {names[k]: round(sum(x[k] for x in items) / len(items), 4) for k in names} if items else {}

@@ -43,6 +43,16 @@ def test_build_quick_end_to_end(ray_cluster, tmp_path, capsys):
     assert AutoModelForCausalLM.from_pretrained(out / "policy").dtype == torch.float32
     assert Qwen2ForProcessRewardModel.from_pretrained(out / "prm").dtype == torch.float32
 
+    # eval --json on the built world: one JSON object, keys per level and "all", as the last line
+    capsys.readouterr()
+    rc = main(["eval", "--models", str(out), "--json", "eval.n_per_level=2", "eval.n=2", "levels=[1,3]"])
+    assert rc == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(res) == {"1", "3", "all"}
+    for key in ("greedy", "majority@2", "prm_best_of_2", "step_auc"):
+        assert key in res["1"]
+    assert res["all"]["problems"] == 4
+
 
 def test_quick_refuses_to_overwrite_shipped(capsys):
     from jobs.toy import main

@@ -99,11 +99,27 @@ def make_prompt(problem: dict, style: str) -> str:
     return problem["question"] + "\n\n"
 
 
+def spread_calls(client) -> None:
+    """Start a pool client copy's round-robin at a random replica.
+
+    Each Ray task gets its own copy of the pool client, and a copy routes by its own in-flight counts with the
+    round-robin starting at replica 0, so without this the first call of every task lands on replica 0 (seen:
+    one of two replicas idle). Remove once `actors.pool.ReplicaPool` randomises the start itself.
+    """
+    import random
+
+    pool = getattr(client, "pool", None)
+    n = len(getattr(pool, "actors", None) or ())
+    if n > 1 and hasattr(pool, "_rr"):
+        pool._rr = random.randrange(n)
+
+
 def label_problem(client, problem: dict, cfg: dict) -> list[dict]:
     """Sample trajectories for one problem and label every step prefix. Runs inside a Ray task."""
     from actors.engines.engine import GenerationRequest
     from app.search.tree import split_steps
 
+    spread_calls(client)
     c = MCLabelConfig.model_validate(cfg)
     prompt = make_prompt(problem, c.prompt)
     gold = problem["answer"]
