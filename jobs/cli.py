@@ -10,6 +10,7 @@ COMMANDS = {
     "toy": ("jobs.toy", "build or evaluate the toy world (toy build / toy eval)"),
     "search": ("jobs.search", "solve a data set with a search method"),
     "report": ("jobs.report", "print the accuracy table of a search run again"),
+    "train": ("jobs.train", "SFT or PRM training on Ray Train + DeepSpeed (--config toy/sft)"),
     "bench": ("jobs.bench", "benchmarks: grading, engine, search"),
 }
 

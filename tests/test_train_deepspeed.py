@@ -69,3 +69,9 @@ def test_two_workers_zero2_loss_decreases_and_resumes(ray_cluster, tmp_path):
     assert result2.metrics["epoch"] == 4
     assert result2.metrics["global_step"] == 5 * steps_per_epoch
     assert sorted(_epoch_losses(result2))[-2:] == [3, 4]
+
+    # A finished run asked for no more epochs returns at once, keeping its last checkpoint.
+    result3, path3 = train(_sft(tmp_path, epochs=5))
+    assert result3.metrics.get("resumed_finished") is True
+    assert Path(result3.checkpoint.path) == Path(result2.checkpoint.path)
+    assert (path3 / "model.safetensors").exists()

@@ -203,6 +203,19 @@ def worker_loop(config: dict) -> None:
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
 
+    checkpoint = ray.train.get_checkpoint()
+    state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0}
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            state = json.loads((Path(d) / "train_state.json").read_text())
+        if state["epoch"] >= cfg.epochs or (cfg.max_steps and state["global_step"] >= cfg.max_steps):
+            # Nothing left to do (checked before any data is built); the run's latest checkpoint, restored from
+            # storage, stays the result's checkpoint.
+            if rank == 0:
+                print(f"run already finished at {checkpoint.path} (global step {state['global_step']})", flush=True)
+            ray.train.report(dict(state.get("metrics", {}), resumed_finished=True))
+            return
+
     tokenizer = task.build_tokenizer()
     examples = task.load_examples(tokenizer)
     if not examples:
@@ -235,18 +248,11 @@ def worker_loop(config: dict) -> None:
     )
     device = engine.device
 
-    state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0}
-    checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
-            state = json.loads((Path(d) / "train_state.json").read_text())
             engine.load_checkpoint(str(Path(d) / "ds"), tag="state")
         if rank == 0:
             print(f"resumed from {checkpoint.path}: epoch {state['epoch']}, global step {state['global_step']}", flush=True)
-    if state["epoch"] >= cfg.epochs or (cfg.max_steps and state["global_step"] >= cfg.max_steps):
-        # Nothing left to do; the run's latest checkpoint (restored from storage) stays the result's checkpoint.
-        ray.train.report(dict(state.get("metrics", {}), resumed_finished=True))
-        return
 
     bar = tqdm(total=total_steps, initial=state["global_step"], desc=config.get("desc", "train"),
                disable=rank != 0 or not cfg.progress, dynamic_ncols=True, mininterval=2.0)
