@@ -71,7 +71,10 @@ def test_two_workers_zero2_loss_decreases_and_resumes(ray_cluster, tmp_path):
     assert sorted(_epoch_losses(result2))[-2:] == [3, 4]
 
     # A finished run asked for no more epochs returns at once, keeping its last checkpoint.
+    run_dir = Path(result2.checkpoint.path).parent
+    before = sorted(p.name for p in run_dir.iterdir() if p.name.startswith("step_"))
     result3, path3 = train(_sft(tmp_path, epochs=5))
-    assert result3.metrics.get("resumed_finished") is True
     assert Path(result3.checkpoint.path) == Path(result2.checkpoint.path)
+    assert result3.metrics["global_step"] == result2.metrics["global_step"]
+    assert sorted(p.name for p in run_dir.iterdir() if p.name.startswith("step_")) == before  # nothing trained
     assert (path3 / "model.safetensors").exists()
