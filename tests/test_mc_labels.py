@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from actors.engines.engine import Completion, GenerationRequest, Usage
+from actors.engines.engine import Completion, Usage
 from app.search.tree import split_steps
 from app.toy.generator import exact_step_labels, parse_expression, solve, toy_problems
 from train.synthesize.mc_labels import MCLabelConfig, label_problem, read_done, run

@@ -4,8 +4,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
-
 from train.common import TrainConfig, deepspeed_config, epoch_batches
 
 
