@@ -8,6 +8,7 @@ batch of 64 than on 64 batches of 1, and callers (search tasks) arrive a few at 
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Sequence
 
@@ -18,6 +19,7 @@ class BatchStats:
     items: int = 0
     largest: int = 0
     sizes: list[int] = field(default_factory=list)
+    busy_s: float = 0.0  # seconds inside `process`: over wall time, how busy the engine was
 
     def record(self, n: int) -> None:
         self.batches += 1
@@ -73,6 +75,7 @@ class MicroBatcher:
                 batch.extend(items)
                 n += len(items)
             self.stats.record(n)
+            t0 = time.perf_counter()
             try:
                 if asyncio.iscoroutinefunction(self._process):
                     results = await self._process(batch)
@@ -83,6 +86,8 @@ class MicroBatcher:
                     if not fut.done():
                         fut.set_exception(e)
                 continue
+            finally:
+                self.stats.busy_s += time.perf_counter() - t0
             for fut, lo, hi in owners:
                 if not fut.done():
                     fut.set_result(results[lo:hi])

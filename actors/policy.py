@@ -17,9 +17,9 @@ import socket
 import time
 from typing import Any, Sequence
 
-from actors.engines.engine import Completion, GenerationRequest, Usage
+from actors.engines.engine import Completion, GenerationRequest
 from actors.engines.vllm import INSTALL_HINT
-from actors.pool import PoolConfig, ReplicaPool, check_model
+from actors.pool import ModelPool, PoolClient, PoolConfig, check_model, start_replicas
 from app.config import ConfigError
 
 VLLM_MISSING = f"engine: vllm, but vLLM is not installed: {INSTALL_HINT}"
@@ -120,18 +120,9 @@ class PolicyActor:
             close()
 
 
-class PolicyClient:
+class PolicyClient(PoolClient):
     """`PolicyHandle` over a policy pool: `generate` blocks (use it in Ray tasks and threads), `agenerate` awaits.
-
-    Every call adds its tokens and FLOPs (2 x parameters x tokens) to `self.usage`. Picklable; a copy starts
-    with its own (copied) usage.
-    """
-
-    def __init__(self, pool: ReplicaPool, num_parameters: int, model: str = ""):
-        self.pool = pool
-        self.num_parameters = int(num_parameters)
-        self.model = model
-        self.usage = Usage()
+    Every call adds its tokens and FLOPs (2 x parameters x tokens) to `self.usage`."""
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[list[Completion]]:
         requests = list(requests)
@@ -150,40 +141,10 @@ class PolicyClient:
         return out
 
 
-class PolicyPool:
+class PolicyPool(ModelPool):
     """Replicas of PolicyActor started from a PoolConfig. Picklable (the actors are shared, not copied)."""
 
-    def __init__(self, cfg: PoolConfig, pool: ReplicaPool, info: list[dict]):
-        self.cfg = cfg
-        self.pool = pool
-        self.info = info
-        self.num_parameters = int(info[0]["num_parameters"]) if info else 0
-
-    def client(self) -> PolicyClient:
-        return PolicyClient(self.pool, self.num_parameters, self.cfg.model)
-
-    @property
-    def actors(self) -> list:
-        return self.pool.actors
-
-    def stats(self) -> list[dict]:
-        return self.pool.broadcast("stats")
-
-    def reset_stats(self) -> None:
-        self.pool.broadcast("reset_stats")
-
-    def shutdown(self) -> None:
-        try:
-            self.pool.broadcast("shutdown", timeout=30)
-        except Exception:
-            pass
-        self.pool.shutdown()
-
-    def __enter__(self) -> "PolicyPool":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.shutdown()
+    client_class = PolicyClient
 
 
 def vllm_available() -> bool:
@@ -203,24 +164,8 @@ def validate_policy_config(cfg: PoolConfig) -> None:
 def start_policy_pool(cfg: PoolConfig, name: str = "policy", ready_timeout_s: float = 900.0) -> PolicyPool:
     """Start `cfg.replicas` PolicyActors (Ray must be initialised, else a local cluster is started) and wait
     until each has loaded its model. Bad configs raise ConfigError (one line) before anything starts."""
-    import ray
-
     validate_policy_config(cfg)
-    if not ray.is_initialized():
-        ray.init()
-    engine_kwargs = dict(cfg.engine_kwargs)
-    if cfg.engine == "vllm":
-        engine_kwargs.setdefault("tensor_parallel_size", cfg.tp)
-    pool = ReplicaPool(
-        PolicyActor,
-        init_kwargs=dict(engine=cfg.engine, model=cfg.model, dtype=cfg.dtype, max_batch=cfg.max_batch,
-                         gather_ms=cfg.gather_ms, engine_kwargs=engine_kwargs),
-        replicas=cfg.replicas, tp=cfg.tp, num_cpus=cfg.num_cpus, max_concurrency=cfg.max_concurrency,
-        max_retries=cfg.max_retries, name=name,
-    )
-    try:
-        info = pool.wait_ready("info", timeout=ready_timeout_s)
-    except BaseException:
-        pool.shutdown()
-        raise
+    pool, info = start_replicas(
+        PolicyActor, dict(engine=cfg.engine, model=cfg.model, dtype=cfg.dtype, max_batch=cfg.max_batch,
+                          gather_ms=cfg.gather_ms), cfg, name, ready_timeout_s)
     return PolicyPool(cfg, pool, info)

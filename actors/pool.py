@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import random
 import threading
 import time
 from pathlib import Path
@@ -176,7 +177,9 @@ class ReplicaPool:
     def _setup_local(self) -> None:
         self.inflight = [0] * len(self.actors)
         self._calls = [0] * len(self.actors)
-        self._rr = 0
+        # A copy unpickled in each Ray task starts its round-robin at a random replica: otherwise the first call
+        # of every task lands on replica 0 while the others idle.
+        self._rr = random.randrange(max(1, len(self.actors)))
         self._lock = threading.Lock()
 
     def __getstate__(self) -> dict:
@@ -283,3 +286,84 @@ class ReplicaPool:
                 remove_placement_group(pg)
             except Exception:
                 pass
+
+
+# --- what the policy and PRM pools share --------------------------------------------------------------------------
+
+
+class PoolClient:
+    """Base of the handles search code calls (`PolicyClient`, `PRMClient`): the pool, the model's parameter count
+    for FLOPs, and `usage`, the tokens and FLOPs spent through this client. Picklable; a copy starts with its own
+    (copied) usage."""
+
+    def __init__(self, pool: ReplicaPool, num_parameters: int, model: str = ""):
+        from actors.engines.engine import Usage
+
+        self.pool = pool
+        self.num_parameters = int(num_parameters)
+        self.model = model
+        self.usage = Usage()
+
+
+class ModelPool:
+    """Replicas of one model's actor, started from a PoolConfig by `start_replicas`. Picklable (the actors are
+    shared, not copied). Subclasses name their client class."""
+
+    client_class: type[PoolClient] = PoolClient
+    shutdown_timeout_s: float = 30.0
+
+    def __init__(self, cfg: PoolConfig, pool: ReplicaPool, info: list[dict]):
+        self.cfg = cfg
+        self.pool = pool
+        self.info = info
+        self.num_parameters = int(info[0]["num_parameters"]) if info else 0
+
+    def client(self):
+        return self.client_class(self.pool, self.num_parameters, self.cfg.model)
+
+    @property
+    def actors(self) -> list:
+        return self.pool.actors
+
+    def stats(self) -> list[dict]:
+        return self.pool.broadcast("stats")
+
+    def reset_stats(self) -> None:
+        self.pool.broadcast("reset_stats")
+
+    def shutdown(self) -> None:
+        try:
+            self.pool.broadcast("shutdown", timeout=self.shutdown_timeout_s)
+        except Exception:
+            pass
+        self.pool.shutdown()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+
+def start_replicas(actor_cls: Any, init_kwargs: dict, cfg: PoolConfig, name: str,
+                   ready_timeout_s: float) -> tuple[ReplicaPool, list[dict]]:
+    """Start `cfg.replicas` actors (a local Ray cluster if none is running; vLLM gets `tensor_parallel_size=tp`)
+    and wait until each has loaded its model; their `info()` in replica order."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init()
+    engine_kwargs = dict(cfg.engine_kwargs)
+    if cfg.engine == "vllm":
+        engine_kwargs.setdefault("tensor_parallel_size", cfg.tp)
+    pool = ReplicaPool(
+        actor_cls, init_kwargs=dict(init_kwargs, engine_kwargs=engine_kwargs),
+        replicas=cfg.replicas, tp=cfg.tp, num_cpus=cfg.num_cpus, max_concurrency=cfg.max_concurrency,
+        max_retries=cfg.max_retries, name=name,
+    )
+    try:
+        info = pool.wait_ready("info", timeout=ready_timeout_s)
+    except BaseException:
+        pool.shutdown()
+        raise
+    return pool, info

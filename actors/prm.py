@@ -36,8 +36,8 @@ from typing import Any, ClassVar, Literal, Sequence
 
 from actors.batching import MicroBatcher
 from actors.engines.hf import load_tokenizer  # noqa: F401  (one loader for every checkpoint; re-exported)
-from actors.engines.engine import ScoreResult, Usage
-from actors.pool import PoolConfig, ReplicaPool, check_model
+from actors.engines.engine import ScoreResult
+from actors.pool import ModelPool, PoolClient, PoolConfig, check_model, start_replicas
 from app.config import ConfigError
 
 FormatName = Literal["qwen", "math-shepherd", "rlhflow"]
@@ -431,7 +431,10 @@ class PRMActor:
     def stats(self) -> dict:
         s = self.batcher.stats
         return {"batches": s.batches, "items": s.items, "largest": s.largest, "sizes": list(s.sizes),
-                "inflight": self._inflight}
+                "inflight": self._inflight, "busy_s": s.busy_s}
+
+    def reset_stats(self) -> None:
+        self.batcher.stats = type(self.batcher.stats)()
 
     def load(self) -> int:
         return self._inflight
@@ -482,18 +485,12 @@ def validate_prm_config(cfg: PRMPoolConfig) -> None:
     check_model(cfg.model)
 
 
-class PRMClient:
+class PRMClient(PoolClient):
     """`RewardHandle` over a PRM pool: `score` blocks (Ray tasks, threads), `ascore` awaits.
 
     Every call adds the tokens the PRM read and its FLOPs (2 x parameters x tokens) to `self.usage`. Calls are
-    retried by the pool when a replica dies. Picklable; a copy starts with its own (copied) usage.
+    retried by the pool when a replica dies.
     """
-
-    def __init__(self, pool: ReplicaPool, num_parameters: int, model: str = ""):
-        self.pool = pool
-        self.num_parameters = int(num_parameters)
-        self.model = model
-        self.usage = Usage()
 
     @staticmethod
     def _args(trajectories: Sequence[Sequence[str]]) -> list[list[str]]:
@@ -516,63 +513,21 @@ class PRMClient:
         return res.scores
 
 
-class PRMPool:
+class PRMPool(ModelPool):
     """Replicas of PRMActor started from a PRMPoolConfig. Picklable (the actors are shared, not copied)."""
 
-    def __init__(self, cfg: PRMPoolConfig, pool: ReplicaPool, info: list[dict]):
-        self.cfg = cfg
-        self.pool = pool
-        self.info = info
-        self.num_parameters = int(info[0]["num_parameters"]) if info else 0
-
-    def client(self) -> PRMClient:
-        return PRMClient(self.pool, self.num_parameters, self.cfg.model)
-
-    @property
-    def actors(self) -> list:
-        return self.pool.actors
-
-    def stats(self) -> list[dict]:
-        return self.pool.broadcast("stats")
-
-    def shutdown(self) -> None:
-        try:
-            self.pool.broadcast("shutdown", timeout=60)
-        except Exception:
-            pass
-        self.pool.shutdown()
-
-    def __enter__(self) -> "PRMPool":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.shutdown()
+    client_class = PRMClient
+    shutdown_timeout_s = 60.0
 
 
 def start_prm_pool(cfg: PRMPoolConfig, name: str = "prm", ready_timeout_s: float = 900.0) -> PRMPool:
     """Start `cfg.replicas` PRMActors (Ray must be initialised, else a local cluster is started) and wait until
     each has loaded its model. Bad configs raise ConfigError (one line) before anything starts."""
-    import ray
-
     if not isinstance(cfg, PRMPoolConfig):
         cfg = PRMPoolConfig(**cfg.model_dump()) if isinstance(cfg, PoolConfig) else PRMPoolConfig(**dict(cfg))
     validate_prm_config(cfg)
-    if not ray.is_initialized():
-        ray.init()
-    engine_kwargs = dict(cfg.engine_kwargs)
-    if cfg.engine == "vllm":
-        engine_kwargs.setdefault("tensor_parallel_size", cfg.tp)
-    pool = ReplicaPool(
-        PRMActor,
-        init_kwargs=dict(model=cfg.model, format=cfg.format, engine=cfg.engine, dtype=cfg.dtype,
-                         max_batch=cfg.max_batch, gather_ms=cfg.gather_ms, engine_kwargs=engine_kwargs,
-                         step_delimiter=cfg.step_delimiter),
-        replicas=cfg.replicas, tp=cfg.tp, num_cpus=cfg.num_cpus, max_concurrency=cfg.max_concurrency,
-        max_retries=cfg.max_retries, name=name,
-    )
-    try:
-        info = pool.wait_ready("info", timeout=ready_timeout_s)
-    except BaseException:
-        pool.shutdown()
-        raise
+    pool, info = start_replicas(
+        PRMActor, dict(model=cfg.model, format=cfg.format, engine=cfg.engine, dtype=cfg.dtype,
+                       max_batch=cfg.max_batch, gather_ms=cfg.gather_ms, step_delimiter=cfg.step_delimiter),
+        cfg, name, ready_timeout_s)
     return PRMPool(cfg, pool, info)

@@ -4,8 +4,10 @@
     python -m jobs.toy eval  [--config toy/world] [--models DIR] [--json] [key=value ...]
 
 build: generate data -> SFT the policy (Ray Train + DeepSpeed) -> sample it and label every step prefix by
-Monte-Carlo completions (through a policy pool) -> train the PRM on the labels (Ray Train + DeepSpeed, body
-started from the policy) -> write `policy/` and `prm/` (safetensors with bfloat16 weights + config saying float32 +
+Monte-Carlo completions (through a policy pool) -> with `prm.data: exact` (the shipped world), also sample many
+more trajectories and label their steps with the toy checker (mc_labels with k=0: the k -> infinity limit of the
+hard MC labels, at the cost of sampling alone) -> train the PRM on them (Ray Train + DeepSpeed, body started
+from the policy; the MC labels stay its held-out yardstick) -> write `policy/` and `prm/` (safetensors with bfloat16 weights + config saying float32 +
 tokenizer) and `heldout_mc.jsonl` (MC labels on test problems, for eval's step AUC) into the output folder,
 then print a summary. Without --quick the output is the shipped location (`app/toy/checkpoints`); --quick
 builds a smaller world into --out (default `runs/toy-quick/checkpoints`) and refuses to write into the shipped
@@ -63,8 +65,19 @@ class ToyMC(BaseConfig):
     max_in_flight: int = 8
 
 
+class ToyExact(BaseConfig):
+    """Trajectories labelled by the toy checker (mc_labels with k=0): the PRM's training data when prm.data=exact."""
+
+    n_per_level: int = 200
+    samples: int = 16
+    temperature: float = 1.0
+    max_tokens: int = 360
+
+
 class ToyPRM(BaseConfig):
-    labels: str = Field("soft", pattern="^(soft|hard)$")
+    data: str = Field("mc", pattern="^(mc|exact)$", description="mc: the MC-labelled trajectories; exact: the "
+                      "exact-labelled samples of the `exact` section (hard labels)")
+    labels: str = Field("soft", pattern="^(soft|hard)$", description="which MC labels (data=mc)")
     init_from_policy: bool = True
     size: str = "tiny"
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(name="toy-prm", lr=1e-3, micro_batch_size=32))
@@ -90,6 +103,7 @@ class ToyConfig(BaseConfig):
     levels: list[int] = [1, 2, 3, 4, 5]
     sft: ToySFT = Field(default_factory=ToySFT)
     mc: ToyMC = Field(default_factory=ToyMC)
+    exact: ToyExact = Field(default_factory=ToyExact)
     prm: ToyPRM = Field(default_factory=ToyPRM)
     eval: ToyEval = Field(default_factory=ToyEval)
     quick: dict = Field(default_factory=dict, description="dotted overrides applied by --quick")
@@ -142,7 +156,9 @@ def build(cfg: ToyConfig, out: Path) -> dict:
     base = {"seed": cfg.seed, "levels": cfg.levels}
     sft_tag = _hash({**base, "sft": cfg.sft.model_dump(mode="json")})
     mc_tag = _hash({"sft": sft_tag, "mc": cfg.mc.model_dump(mode="json")})
-    tag = _hash({"mc": mc_tag, "prm": cfg.prm.model_dump(mode="json")})
+    exact_tag = _hash({"sft": sft_tag, "exact": cfg.exact.model_dump(mode="json"), "offset": cfg.mc.n_per_level})
+    data_tag = mc_tag if cfg.prm.data == "mc" else _hash({"mc": mc_tag, "exact": exact_tag})
+    tag = _hash({"mc": data_tag, "prm": cfg.prm.model_dump(mode="json")})
     times: dict[str, float] = {}
     summary: dict = {"runs": {"sft": sft_tag, "mc": mc_tag, "prm": tag}}
     t_all = time.time()
@@ -172,6 +188,15 @@ def build(cfg: ToyConfig, out: Path) -> dict:
         held_mc = work / f"mc_heldout-{mc_tag}.jsonl"
         st1 = run_mc(MCLabelConfig(problems="toy:train", n_per_level=m.n_per_level, output=str(train_mc), **common), pool)
         st2 = run_mc(MCLabelConfig(problems="toy:test", n_per_level=m.heldout_per_level, output=str(held_mc), **common), pool)
+        if cfg.prm.data == "exact":  # more problems (after the MC ones), many samples each, labelled by the checker
+            x = cfg.exact
+            prm_data = work / f"exact_train-{exact_tag}.jsonl"
+            run_mc(MCLabelConfig(problems="toy:train", n_per_level=x.n_per_level, offset=m.n_per_level,
+                                 output=str(prm_data), samples=x.samples, k=0, temperature=x.temperature,
+                                 max_tokens=x.max_tokens, max_in_flight=m.max_in_flight, seed=cfg.seed,
+                                 levels=cfg.levels), pool)
+        else:
+            prm_data = train_mc
     finally:
         pool.shutdown()
     times["mc_labels"] = time.time() - t0
@@ -179,14 +204,18 @@ def build(cfg: ToyConfig, out: Path) -> dict:
 
     summary["mc_train"] = summarize(read_jsonl(train_mc))
     summary["mc_heldout"] = summarize(read_jsonl(held_mc))
-    print(f"[toy build] MC labels: {st1['trajectories'] + st2['trajectories']} new trajectories ({times['mc_labels']:.0f} s)", flush=True)
+    if prm_data != train_mc:
+        summary["exact_train"] = summarize(read_jsonl(prm_data))
+    print(f"[toy build] MC labels: {st1['trajectories'] + st2['trajectories']} new trajectories; PRM data: {prm_data.name} "
+          f"({times['mc_labels']:.0f} s)", flush=True)
 
     # 5. PRM
     t0 = time.time()
     p = cfg.prm
     prm_train = p.train.model_copy(update=dict(name=f"toy-prm-{tag}", storage_path=str(work / "ray"), seed=cfg.seed))
     prm_cfg = PRMTrainConfig(format="qwen", model=f"new:toy-{p.size}", init_from=str(policy) if p.init_from_policy else None,
-                             data=str(train_mc), eval_data=str(held_mc), labels=p.labels, output=str(out / "prm"),
+                             data=str(prm_data), eval_data=str(held_mc), labels=p.labels if p.data == "mc" else "hard",
+                             output=str(out / "prm"),
                              train=prm_train)
     result, prm = train_prm(prm_cfg)
     times["prm"] = time.time() - t0
@@ -245,7 +274,7 @@ def evaluate(cfg: ToyConfig, models: Path, progress: bool = True) -> dict:
     from app.toy.generator import exact_step_labels, toy_problems, toy_prompt
     from train.prm import auc
     from train.sft import read_jsonl
-    from train.synthesize.mc_labels import is_correct, spread_calls
+    from train.synthesize.mc_labels import is_correct
 
     e = cfg.eval
     for name in ("policy", "prm"):
@@ -257,7 +286,6 @@ def evaluate(cfg: ToyConfig, models: Path, progress: bool = True) -> dict:
 
     @ray.remote(num_cpus=0)
     def solve(client, prompt: str, seed: int):
-        spread_calls(client)
         greedy, samples = client.generate([
             GenerationRequest(prompt, n=1, max_tokens=e.max_tokens, temperature=0.0),
             GenerationRequest(prompt, n=e.n, max_tokens=e.max_tokens, temperature=e.temperature, seed=seed),

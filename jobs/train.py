@@ -41,7 +41,21 @@ def load(recipe: str | None, overrides: Sequence[str]):
         raise ConfigError(f"{source}: missing required key 'job' (sft or prm)")
     if job not in JOBS:
         raise ConfigError(f"{source}: key 'job': jobs.train serves sft or prm, not {job!r}")
-    return build_config(config_class(job), data, source)
+    return absolute_paths(build_config(config_class(job), data, source))
+
+
+def absolute_paths(cfg):
+    """Relative file paths of the recipe, made absolute here: Ray Train workers do not run in this directory."""
+    from pathlib import Path
+
+    update = {}
+    for key in ("data", "eval_data", "output", "model", "init_from"):
+        value = getattr(cfg, key, None)
+        if not isinstance(value, str) or ":" in value or Path(value).is_absolute():
+            continue  # unset, a toy:/new: name or a Hub id with a colon, or already absolute
+        if key in ("output",) or Path(value).exists():
+            update[key] = str(Path(value).resolve())
+    return cfg.model_copy(update=update) if update else cfg
 
 
 @user_errors

@@ -73,8 +73,9 @@ class ScriptedPool:
 
 
 def _cfg(tmp_path, **kw):
-    return MCLabelConfig(problems="toy:train", n_per_level=2, levels=[2, 4], samples=2, k=K,
-                         output=str(tmp_path / "mc.jsonl"), progress=False, **kw)
+    kw = {"samples": 2, "k": K, **kw}
+    return MCLabelConfig(problems="toy:train", n_per_level=2, levels=[2, 4], output=str(tmp_path / "mc.jsonl"),
+                         progress=False, **kw)
 
 
 def test_labels_soft_is_fraction_hard_is_any(tmp_path):
@@ -93,6 +94,25 @@ def test_labels_soft_is_fraction_hard_is_any(tmp_path):
     assert bad["exact"] == [1] * (n - 2) + [0, 0]
     assert good["steps"][0].endswith("\n\n") and not good["steps"][-1].endswith("\n\n")
     assert "".join(good["steps"]) == "\n\n".join(solve(parse_expression(problem.question[8:-1])))
+
+
+def test_k0_labels_with_the_checker_without_completions(tmp_path):
+    problem = toy_problems("train", n_per_level=1, levels=[4])[0]
+    p = dict(id=problem.id, question=problem.question, answer=problem.answer, level=4)
+    policy = ScriptedToyPolicy()
+    # 4 samples alternate right / slipped: two distinct trajectories, each kept once
+    recs = label_problem(policy, p, _cfg(tmp_path, k=0, samples=4).model_dump(mode="json"))
+    assert policy.requests == 1  # the samples only: no completions of prefixes
+    assert [r["sample"] for r in recs] == [0, 1] and all(r["n_samples"] == 2 for r in recs)
+    good, bad = recs
+    n = len(good["steps"])
+    assert good["hard"] == good["exact"] == [1] * n and good["soft"] == [1.0] * n
+    assert bad["hard"] == bad["exact"] == [1] * (n - 2) + [0, 0] and not bad["correct"]
+
+
+def test_k0_needs_toy_problems(tmp_path):
+    with pytest.raises(ValueError, match="k=0 .* needs toy:train or toy:test"):
+        MCLabelConfig(problems="data/gsm8k.jsonl", k=0, output=str(tmp_path / "x.jsonl"))
 
 
 def test_skip_after_zero_saves_completions(tmp_path):

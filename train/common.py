@@ -390,3 +390,16 @@ def save_compact(src: str | Path, dst: str | Path, dtype: str = "bfloat16", over
     for f in dst.iterdir():
         f.chmod(0o644)
     return dst
+
+
+def fit_and_export(task: TrainTask, cfg: TrainConfig, desc: str, output: str | None = None,
+                   dtype: str = "bfloat16", model_class=None) -> tuple[Any, Path]:
+    """`fit`, raise its error if it failed, and return (result, the exported model: `output` if given, written
+    compact by `save_compact`, else the checkpoint's `hf/`)."""
+    result = fit(task, cfg, desc=desc)
+    if result.error:
+        raise result.error
+    path = exported_model(result)
+    if output:
+        path = save_compact(path, output, dtype=dtype, model_class=model_class)
+    return result, path

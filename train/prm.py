@@ -28,7 +28,7 @@ from typing import Literal, Sequence
 from pydantic import Field
 
 from app.config import Config, ConfigError
-from train.common import TrainConfig, TrainTask, exported_model, fit, save_compact
+from train.common import TrainConfig, TrainTask, fit_and_export
 from train.sft import read_jsonl
 
 
@@ -270,15 +270,9 @@ def check(cfg: PRMTrainConfig) -> None:
 def train(cfg: PRMTrainConfig):
     """Train the PRM; returns (Ray Train result, path of the exported model)."""
     check(cfg)
-    result = fit(PRMTask(cfg), cfg.train, desc="prm")
-    if result.error:
-        raise result.error
-    path = exported_model(result)
-    if cfg.output:
-        model_class = None
-        if cfg.format == "qwen":
-            from actors.prm_model import Qwen2ForProcessRewardModel
+    model_class = None
+    if cfg.format == "qwen":
+        from actors.prm_model import Qwen2ForProcessRewardModel
 
-            model_class = Qwen2ForProcessRewardModel
-        path = save_compact(path, cfg.output, dtype=cfg.save_dtype, model_class=model_class)
-    return result, path
+        model_class = Qwen2ForProcessRewardModel
+    return fit_and_export(PRMTask(cfg), cfg.train, "prm", cfg.output, cfg.save_dtype, model_class)

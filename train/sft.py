@@ -18,7 +18,7 @@ from typing import Literal
 from pydantic import Field
 
 from app.config import Config, ConfigError
-from train.common import TrainConfig, TrainTask, exported_model, fit, save_compact
+from train.common import TrainConfig, TrainTask, fit_and_export
 
 
 class ToyData(Config):
@@ -178,10 +178,4 @@ def check(cfg: SFTConfig) -> None:
 def train(cfg: SFTConfig):
     """Run SFT; returns (Ray Train result, path of the exported model: `output` if given, else the checkpoint's)."""
     check(cfg)
-    result = fit(SFTTask(cfg), cfg.train, desc="sft")
-    if result.error:
-        raise result.error
-    path = exported_model(result)
-    if cfg.output:
-        path = save_compact(path, cfg.output, dtype=cfg.save_dtype)
-    return result, path
+    return fit_and_export(SFTTask(cfg), cfg.train, "sft", cfg.output, cfg.save_dtype)

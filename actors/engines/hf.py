@@ -128,6 +128,13 @@ class HFEngine:
             ids.add(int(self.tokenizer.eos_token_id))
         return ids
 
+    def _tail_has_stop(self, generated: list[int], stop: Sequence[str]) -> bool:
+        """Whether a stop string may have just completed: decodes only the last tokens (a stop string of c characters
+        spans at most c tokens, plus a margin for tokens that decode to nothing), not the whole text every step."""
+        window = max(len(s) for s in stop) + 8
+        tail = self.tokenizer.decode(generated[-window:], skip_special_tokens=True)
+        return any(s in tail for s in stop)
+
     # ----------------------------------------------------------------------------------------------------------
 
     def encode(self, prompt: str | Sequence[int]) -> list[int]:
@@ -221,7 +228,7 @@ class HFEngine:
                     finish, stop_reason = None, None
                     if is_eos[j]:
                         finish = "eos"
-                    elif r.stop:
+                    elif r.stop and self._tail_has_stop(generated[b], r.stop):
                         text = self.tokenizer.decode(generated[b], skip_special_tokens=True)
                         cut, which = match_stop(text, r.stop)
                         if which is not None:

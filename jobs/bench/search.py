@@ -84,18 +84,39 @@ def _row(method: str, replicas: int, r: dict) -> dict:
             "problems_per_s": r["problems"] / r["seconds"]}
 
 
+def _reset(policy_pool, prm_pool) -> None:
+    for pool in (policy_pool, prm_pool):
+        if pool is not None:
+            pool.reset_stats()
+
+
+def _busy(policy_pool, prm_pool, seconds: float) -> dict:
+    """Share of the phase's wall time each pool's engines spent computing (summed over replicas): where the
+    time went when search is slower than sampling."""
+    stats = policy_pool.stats()
+    hf = all(s.get("engine") == "hf" for s in stats)  # vLLM batches inside its engine: no busy time to read
+    out = {"policy_busy": sum(s.get("engine_s", 0.0) for s in stats) / seconds if seconds and hf else None}
+    if prm_pool is not None:
+        stats = prm_pool.stats()
+        used = any(s.get("items") for s in stats)
+        out["prm_busy"] = sum(s.get("busy_s", 0.0) for s in stats) / seconds if seconds and used else None
+    return out
+
+
 def _phase_one(cfg, problems, prompts, policy_pool, prm_pool, window: int, rows: list, figures: dict) -> dict:
     """The search on one replica, then plain sampling of the same number of tokens on the same pool."""
     s = cfg.search
     _search_phase(cfg, problems[:1], prompts[:1], policy_pool, prm_pool, 1)  # warm-up, not timed
+    _reset(policy_pool, prm_pool)
     search1 = _search_phase(cfg, problems, prompts, policy_pool, prm_pool, window)
-    rows.append(_row(cfg.method, 1, search1))
+    rows.append({**_row(cfg.method, 1, search1), **_busy(policy_pool, prm_pool, search1["seconds"])})
     sample = _sample_task()
     n = max(1, s.budget)
     temperature = getattr(s, "temperature", 0.8)
     top_p = getattr(s, "top_p", 1.0)
     target = search1["generated_tokens"]
     total, seconds, rounds = 0, 0.0, 0
+    _reset(policy_pool, None)
     while total < 0.95 * target and rounds < 5:  # samples may end at EOS early: top up, in rounds
         left = target - total
         share = [max(1, math.ceil(left * t / max(1, target) / n)) for t in search1["per_problem"]]
@@ -106,7 +127,8 @@ def _phase_one(cfg, problems, prompts, policy_pool, prm_pool, window: int, rows:
         seconds += sec
         rounds += 1
     rows.append({"phase": "sampling", "replicas": 1, "problems": len(problems), "generated_tokens": total,
-                 "seconds": seconds, "tokens_per_s": total / seconds if seconds else 0.0, "problems_per_s": None})
+                 "seconds": seconds, "tokens_per_s": total / seconds if seconds else 0.0, "problems_per_s": None,
+                 **_busy(policy_pool, None, seconds)})
     figures["search_tokens_per_s"] = search1["generated_tokens"] / search1["seconds"]
     figures["sampling_tokens_per_s"] = total / seconds if seconds else 0.0
     figures["search_efficiency"] = (
@@ -145,8 +167,9 @@ def run(args) -> tuple[list[dict], dict]:
             policy_pool = None
             policy_pool, _ = start_pools(policy_cfg.model_copy(update={"replicas": 2}), None)
             _search_phase(cfg, problems[:2], prompts[:2], policy_pool, prm_pool, 2)  # warm both replicas
+            _reset(policy_pool, prm_pool)
             search2 = _search_phase(cfg, problems, prompts, policy_pool, prm_pool, window)
-            rows.append(_row(cfg.method, 2, search2))
+            rows.append({**_row(cfg.method, 2, search2), **_busy(policy_pool, prm_pool, search2["seconds"])})
             figures["replica_scaling"] = (search2["problems"] / search2["seconds"]) / (search1["problems"] / search1["seconds"])
     finally:
         if policy_pool is not None:

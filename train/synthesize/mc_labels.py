@@ -6,6 +6,12 @@ soft label is the fraction of completions that reach the right answer, its hard 
 that already holds a final answer needs no completions: its label is whether that answer is right. Identical
 prefixes of one problem (two samples that agree on their first steps) are completed once.
 
+`k=0` (toy problems only) samples the trajectories and labels every step with the toy world's exact checker
+(`app.toy.generator.exact_step_labels`) instead of completions; identical trajectories of a problem are kept
+once. A slip in a toy solution is never undone, so these are the limit of the hard labels as k grows, at the
+cost of sampling alone: the toy PRM's training data (a tiny PRM needs ~10k labelled trajectories to learn to
+check a sum, which Monte-Carlo completions would take hours to label on a laptop).
+
 Execution: the policy runs as a replica pool (`actors.policy.start_policy_pool`); each problem is one Ray task
 (`num_cpus=0`: it only waits on the pool) that sends its requests to `pool.client()` in two calls (the samples,
 then all prefixes at once, so the engines see big batches); the driver keeps at most `max_in_flight` tasks in
@@ -29,7 +35,7 @@ import time
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from actors.pool import PoolConfig
 from app.config import Config, ConfigError
@@ -44,7 +50,8 @@ class MCLabelConfig(Config):
     limit: int | None = Field(None, ge=1, description="other sources: at most this many problems")
     prompt: Literal["toy", "plain"] = "toy"
     samples: int = Field(4, ge=1, description="trajectories sampled per problem")
-    k: int = Field(8, ge=1, description="completions per step prefix")
+    k: int = Field(8, ge=0, description="completions per step prefix; 0: toy problems only, label steps with the "
+                   "toy world's exact checker instead (see the module docstring)")
     temperature: float = Field(0.7, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
     max_tokens: int = Field(400, ge=1)
@@ -54,6 +61,13 @@ class MCLabelConfig(Config):
     seed: int = 0
     output: str = "runs/mc_labels.jsonl"
     progress: bool = True
+
+    @model_validator(mode="after")
+    def _oracle_needs_toy(self):
+        if self.k == 0 and self.problems not in ("toy:train", "toy:test"):
+            raise ValueError(f"k=0 (exact step labels) needs toy:train or toy:test problems, not {self.problems!r}; "
+                             "set k >= 1 for Monte-Carlo labels")
+        return self
 
 
 def _seed(*parts: Any) -> int:
@@ -99,27 +113,11 @@ def make_prompt(problem: dict, style: str) -> str:
     return problem["question"] + "\n\n"
 
 
-def spread_calls(client) -> None:
-    """Start a pool client copy's round-robin at a random replica.
-
-    Each Ray task gets its own copy of the pool client, and a copy routes by its own in-flight counts with the
-    round-robin starting at replica 0, so without this the first call of every task lands on replica 0 (seen:
-    one of two replicas idle). Remove once `actors.pool.ReplicaPool` randomises the start itself.
-    """
-    import random
-
-    pool = getattr(client, "pool", None)
-    n = len(getattr(pool, "actors", None) or ())
-    if n > 1 and hasattr(pool, "_rr"):
-        pool._rr = random.randrange(n)
-
-
 def label_problem(client, problem: dict, cfg: dict) -> list[dict]:
     """Sample trajectories for one problem and label every step prefix. Runs inside a Ray task."""
     from actors.engines.engine import GenerationRequest
     from app.search.tree import split_steps
 
-    spread_calls(client)
     c = MCLabelConfig.model_validate(cfg)
     prompt = make_prompt(problem, c.prompt)
     gold = problem["answer"]
@@ -127,6 +125,8 @@ def label_problem(client, problem: dict, cfg: dict) -> list[dict]:
     first = client.generate([GenerationRequest(prompt, n=c.samples, max_tokens=c.max_tokens,
                                                temperature=c.temperature, top_p=c.top_p, seed=base)])[0]
     trajs = [split_steps(comp.text, c.step_delimiter) for comp in first]
+    if c.k == 0:
+        return _oracle_records(problem, first, trajs, c)
     # Every distinct prefix without a final answer gets k completions, in one call.
     prefixes: dict[str, None] = {}
     for steps in trajs:
@@ -164,6 +164,26 @@ def label_problem(client, problem: dict, cfg: dict) -> list[dict]:
         if exact_fn is not None:
             rec["exact"] = exact_fn(steps)
         records.append(rec)
+    return records
+
+
+def _oracle_records(problem: dict, first: list, trajs: list[list[str]], c: MCLabelConfig) -> list[dict]:
+    """k=0: each distinct trajectory once, soft = hard = the toy checker's exact step labels."""
+    exact_fn = _exact_checker(problem)
+    seen: set[str] = set()
+    keep = []
+    for comp, steps in zip(first, trajs):
+        if steps and comp.text not in seen:
+            seen.add(comp.text)
+            keep.append((comp, steps))
+    records = []
+    for j, (comp, steps) in enumerate(keep):
+        exact = exact_fn(steps)
+        records.append(dict(problem_id=problem["id"], question=problem["question"], answer=problem["answer"],
+                            level=problem.get("level"), sample=j, n_samples=len(keep), steps=steps,
+                            soft=[float(x) for x in exact], hard=exact, k=0,
+                            correct=is_correct(comp.text, problem["answer"]), finish_reason=comp.finish_reason,
+                            exact=exact))
     return records
 
 
