@@ -79,6 +79,7 @@ class ToyPRM(BaseConfig):
                       "exact-labelled samples of the `exact` section (hard labels)")
     labels: str = Field("soft", pattern="^(soft|hard)$", description="which MC labels (data=mc)")
     init_from_policy: bool = True
+    extra_layers: int = Field(0, ge=0, description="with init_from_policy: identity-initialised layers on top")
     size: str = "tiny"
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(name="toy-prm", lr=1e-3, micro_batch_size=32))
 
@@ -214,6 +215,7 @@ def build(cfg: ToyConfig, out: Path) -> dict:
     p = cfg.prm
     prm_train = p.train.model_copy(update=dict(name=f"toy-prm-{tag}", storage_path=str(work / "ray"), seed=cfg.seed))
     prm_cfg = PRMTrainConfig(format="qwen", model=f"new:toy-{p.size}", init_from=str(policy) if p.init_from_policy else None,
+                             extra_layers=p.extra_layers if p.init_from_policy else 0,
                              data=str(prm_data), eval_data=str(held_mc), labels=p.labels if p.data == "mc" else "hard",
                              output=str(out / "prm"),
                              train=prm_train)

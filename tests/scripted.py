@@ -146,6 +146,12 @@ class ScriptedPool:
     def client(self):
         return self.make()
 
+    def stats(self) -> list[dict]:
+        return []  # no engines: the bench reports no busy shares
+
+    def reset_stats(self) -> None:
+        pass
+
     def shutdown(self) -> None:
         pass
 

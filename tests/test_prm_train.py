@@ -72,3 +72,36 @@ def test_math_shepherd_loss_reads_the_tag_position():
                     + (1 - p) * logits[pos - 1, [good, bad]].log_softmax(-1)[1])
                   for pos, p in zip(ex["positions"], RECORD["soft"])) / 3
     assert abs(loss.item() - shifted.item()) > 1e-4
+
+
+def test_train_recipe_paths_become_absolute(tmp_path, monkeypatch):
+    """Ray Train workers do not run in the driver's directory: relative data paths must reach them absolute."""
+    from jobs.train import load
+
+    (tmp_path / "labels.jsonl").write_text("{}\n")
+    monkeypatch.chdir(tmp_path)
+    cfg = load("toy/prm", ["data=labels.jsonl", "eval_data=null", "output=out/prm"])
+    assert cfg.data == str(tmp_path / "labels.jsonl")
+    assert cfg.output == str(tmp_path / "out" / "prm")
+    assert cfg.init_from == "toy:policy" and cfg.model == "new:toy-tiny"  # names, not paths: untouched
+
+
+def test_prm_from_policy_with_extra_layers_starts_as_the_policy_body():
+    """The identity-initialised layers on top leave the policy's function unchanged at the start."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from app.toy import resolve_model
+    from actors.engines.hf import load_tokenizer
+    from train.prm import prm_from_causal_lm
+
+    path = resolve_model("toy:policy")
+    tok = load_tokenizer(path)
+    policy = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    prm = prm_from_causal_lm(path, tok, extra_layers=2).eval()
+    assert prm.config.num_hidden_layers == policy.config.num_hidden_layers + 2
+    ids = torch.tensor([tok("Question: What is 3 + 4?\n\nAnswer:\n\n(3 + 4) = 7.")["input_ids"]])
+    with torch.no_grad():
+        a = policy.model(input_ids=ids).last_hidden_state
+        b = prm.model(input_ids=ids).last_hidden_state
+    assert torch.allclose(a, b, atol=1e-5)

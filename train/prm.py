@@ -37,6 +37,8 @@ class PRMTrainConfig(Config):
     format: Literal["qwen", "math-shepherd"] = "qwen"
     model: str = Field("new:toy-tiny", description="new:toy-SIZE, a PRM checkpoint (qwen) or a causal LM (math-shepherd)")
     init_from: str | None = Field(None, description="qwen: start the PRM body from this causal LM (path or toy:policy)")
+    extra_layers: int = Field(0, ge=0, description="with init_from: new layers on top of the LM's body, starting as "
+                              "the identity")
     data: str = Field(..., description="MC-label JSONL (train.synthesize.mc_labels)")
     eval_data: str | None = Field(None, description="held-out MC-label JSONL for the per-epoch step AUC")
     labels: Literal["soft", "hard"] = "soft"
@@ -102,7 +104,7 @@ class PRMTask(TrainTask):
         from actors.prm_model import Qwen2ForProcessRewardModel
 
         if cfg.init_from:
-            return prm_from_causal_lm(resolve_model(cfg.init_from), self.build_tokenizer())
+            return prm_from_causal_lm(resolve_model(cfg.init_from), self.build_tokenizer(), cfg.extra_layers)
         if cfg.model.startswith("new:toy-"):
             from app.toy.models import prm_config
 
@@ -192,11 +194,15 @@ class PRMTask(TrainTask):
         return step_auc(self.scores(model, tokenizer, examples), examples)
 
 
-def prm_from_causal_lm(path: str, tokenizer):
+def prm_from_causal_lm(path: str, tokenizer, extra_layers: int = 0):
     """A Qwen-layout PRM whose body is the body of the causal LM at `path` (Qwen2 or Llama), head new.
 
     A Llama body maps onto Qwen2's parameter for parameter (same names, RMSNorm, RoPE, SwiGLU); Qwen2 adds
     q/k/v biases, which start at zero, so the PRM's body computes exactly what the policy's does.
+    `extra_layers` new decoder layers go on top, their output projections (o_proj, down_proj) zeroed so they
+    start as the identity: the PRM still computes the policy's function at first, and the new layers can then
+    read the policy's next-token predictions at earlier positions and compare them with what was written
+    (a 2-layer body alone cannot, measured on the toy world: slips in sums went unnoticed).
     """
     import torch
     from safetensors.torch import load_file
@@ -211,6 +217,8 @@ def prm_from_causal_lm(path: str, tokenizer):
             "intermediate_size", "max_position_embeddings", "rms_norm_eps", "hidden_act", "pad_token_id",
             "bos_token_id", "eos_token_id", "rope_parameters", "rope_theta", "head_dim")
     kw = {k: getattr(src, k) for k in keys if getattr(src, k, None) is not None}
+    n_src = int(kw["num_hidden_layers"])
+    kw["num_hidden_layers"] = n_src + int(extra_layers)
     conf = Qwen2Config(**kw, num_labels=2, tie_word_embeddings=False, use_sliding_window=False)
     conf.architectures = ["Qwen2ForProcessRewardModel"]
     conf.step_tag_id = tokenizer.convert_tokens_to_ids("<extra_0>")
@@ -226,8 +234,14 @@ def prm_from_causal_lm(path: str, tokenizer):
         for name, param in model.named_parameters():
             if name.endswith(("q_proj.bias", "k_proj.bias", "v_proj.bias")) and name not in body:
                 param.zero_()
+    new_layers = tuple(f"model.layers.{i}." for i in range(n_src, n_src + int(extra_layers)))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.startswith(new_layers) and name.endswith(("o_proj.weight", "down_proj.weight")):
+                param.zero_()
     missing, unexpected = model.load_state_dict(body, strict=False)
-    bad = [k for k in missing if k.startswith("model.") and not k.endswith(("q_proj.bias", "k_proj.bias", "v_proj.bias"))]
+    bad = [k for k in missing if k.startswith("model.") and not k.startswith(new_layers)
+           and not k.endswith(("q_proj.bias", "k_proj.bias", "v_proj.bias"))]
     if bad or unexpected:
         raise ConfigError(f"init_from {path}: body weights do not match a Qwen2 body (missing {bad[:3]}, unexpected {unexpected[:3]})")
     return model

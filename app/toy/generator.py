@@ -313,8 +313,9 @@ def exact_step_labels(question: str, steps: Sequence[str]) -> list[int]:
 
     A computation step is right when its arithmetic is true, the expression left has one term fewer and still
     equals the answer (or, on the last computation, its result is the answer); the answer step when the boxed
-    number is the answer. Once a step is wrong, every later prefix is wrong. For reporting and tests: the PRM is
-    trained on Monte-Carlo labels, as it would be in a world without this oracle.
+    number is the answer. Once a step is wrong, every later prefix is wrong. The toy PRM's training labels
+    (`mc_labels` with k=0: the limit of Monte-Carlo hard labels, since a slip is never undone), and the truth its
+    step AUC is reported against.
     """
     m = re.fullmatch(r"What is (.*)\?", question.strip())
     terms = parse_expression(m.group(1)) if m else None

@@ -94,7 +94,7 @@ def _busy(policy_pool, prm_pool, seconds: float) -> dict:
     """Share of the phase's wall time each pool's engines spent computing (summed over replicas): where the
     time went when search is slower than sampling."""
     stats = policy_pool.stats()
-    hf = all(s.get("engine") == "hf" for s in stats)  # vLLM batches inside its engine: no busy time to read
+    hf = bool(stats) and all(s.get("engine") == "hf" for s in stats)  # vLLM batches inside its engine: no busy time to read
     out = {"policy_busy": sum(s.get("engine_s", 0.0) for s in stats) / seconds if seconds and hf else None}
     if prm_pool is not None:
         stats = prm_pool.stats()
