@@ -38,7 +38,7 @@ class PolicyActor:
             from actors.engines.hf import HFEngine
 
             self.engine = HFEngine(model, dtype=dtype, **kwargs)
-            self.batcher: MicroBatcher | None = MicroBatcher(self._engine_generate, max_batch=max_batch,
+            self.batcher: MicroBatcher | None = MicroBatcher(self.engine.generate, max_batch=max_batch,
                                                              gather_ms=gather_ms)
         elif engine == "vllm":
             from actors.engines.vllm import VLLMEngine
@@ -52,15 +52,7 @@ class PolicyActor:
         self.calls = self.requests = self.sequences = 0
         self.prompt_tokens = self.generated_tokens = 0
         self.busy_s = 0.0
-        self.engine_s = 0.0  # HF: seconds inside engine.generate (the rest of a call's time is gathering/queueing)
         self.inflight = self.max_inflight = 0
-
-    def _engine_generate(self, requests: list[GenerationRequest]) -> list[list[Completion]]:
-        t0 = time.perf_counter()
-        try:
-            return self.engine.generate(requests)
-        finally:
-            self.engine_s += time.perf_counter() - t0
 
     def ready(self) -> bool:
         return True
@@ -98,10 +90,10 @@ class PolicyActor:
         d: dict[str, Any] = dict(engine=self.engine_name, pid=os.getpid(), calls=self.calls, requests=self.requests,
                                  sequences=self.sequences, prompt_tokens=self.prompt_tokens,
                                  generated_tokens=self.generated_tokens, max_inflight=self.max_inflight,
-                                 engine_s=self.engine_s)
+                                 engine_s=0.0)
         if self.batcher is not None:
-            s = self.batcher.stats
-            d.update(batches=s.batches, largest_batch=s.largest, batch_sizes=list(s.sizes),
+            s = self.batcher.stats  # engine_s: HF seconds inside engine.generate (the rest is gathering/queueing)
+            d.update(engine_s=s.busy_s, batches=s.batches, largest_batch=s.largest, batch_sizes=list(s.sizes),
                      mean_batch=(s.items / s.batches) if s.batches else 0.0)
         return d
 
@@ -110,7 +102,6 @@ class PolicyActor:
 
         self.calls = self.requests = self.sequences = self.prompt_tokens = self.generated_tokens = 0
         self.max_inflight = 0
-        self.engine_s = 0.0
         if self.batcher is not None:
             self.batcher.stats = BatchStats()
 

@@ -431,7 +431,7 @@ class PRMActor:
     def stats(self) -> dict:
         s = self.batcher.stats
         return {"batches": s.batches, "items": s.items, "largest": s.largest, "sizes": list(s.sizes),
-                "inflight": self._inflight, "busy_s": s.busy_s}
+                "inflight": self._inflight, "engine_s": s.busy_s}
 
     def reset_stats(self) -> None:
         self.batcher.stats = type(self.batcher.stats)()

@@ -192,10 +192,10 @@ def build(cfg: ToyConfig, out: Path) -> dict:
         if cfg.prm.data == "exact":  # more problems (after the MC ones), many samples each, labelled by the checker
             x = cfg.exact
             prm_data = work / f"exact_train-{exact_tag}.jsonl"
-            run_mc(MCLabelConfig(problems="toy:train", n_per_level=x.n_per_level, offset=m.n_per_level,
-                                 output=str(prm_data), samples=x.samples, k=0, temperature=x.temperature,
-                                 max_tokens=x.max_tokens, max_in_flight=m.max_in_flight, seed=cfg.seed,
-                                 levels=cfg.levels), pool)
+            run_mc(MCLabelConfig(**{**common, "samples": x.samples, "k": 0, "temperature": x.temperature,
+                                    "max_tokens": x.max_tokens},
+                                 problems="toy:train", n_per_level=x.n_per_level, offset=m.n_per_level,
+                                 output=str(prm_data)), pool)
         else:
             prm_data = train_mc
     finally:

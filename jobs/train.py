@@ -53,7 +53,7 @@ def absolute_paths(cfg):
         value = getattr(cfg, key, None)
         if not isinstance(value, str) or ":" in value or Path(value).is_absolute():
             continue  # unset, a toy:/new: name or a Hub id with a colon, or already absolute
-        if key in ("output",) or Path(value).exists():
+        if key == "output" or Path(value).exists():
             update[key] = str(Path(value).resolve())
     return cfg.model_copy(update=update) if update else cfg
 

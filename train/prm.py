@@ -230,14 +230,12 @@ def prm_from_causal_lm(path: str, tokenizer, extra_layers: int = 0):
     for f in files:
         state.update(load_file(str(f)))
     body = {k: v.float() for k, v in state.items() if k.startswith("model.")}
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith(("q_proj.bias", "k_proj.bias", "v_proj.bias")) and name not in body:
-                param.zero_()
     new_layers = tuple(f"model.layers.{i}." for i in range(n_src, n_src + int(extra_layers)))
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if name.startswith(new_layers) and name.endswith(("o_proj.weight", "down_proj.weight")):
+            new_bias = name.endswith(("q_proj.bias", "k_proj.bias", "v_proj.bias")) and name not in body
+            new_output = name.startswith(new_layers) and name.endswith(("o_proj.weight", "down_proj.weight"))
+            if new_bias or new_output:
                 param.zero_()
     missing, unexpected = model.load_state_dict(body, strict=False)
     bad = [k for k in missing if k.startswith("model.") and not k.startswith(new_layers)

@@ -90,16 +90,20 @@ def _reset(policy_pool, prm_pool) -> None:
             pool.reset_stats()
 
 
+def _engine_share(pool, seconds: float) -> float | None:
+    """Share of the phase's wall time the pool's engines spent computing (summed over replicas); None where the
+    actors did not micro-batch (vLLM batches inside its engine: no busy time to read)."""
+    stats = pool.stats()
+    if not seconds or not any(s.get("batches") for s in stats):
+        return None
+    return sum(s.get("engine_s", 0.0) for s in stats) / seconds
+
+
 def _busy(policy_pool, prm_pool, seconds: float) -> dict:
-    """Share of the phase's wall time each pool's engines spent computing (summed over replicas): where the
-    time went when search is slower than sampling."""
-    stats = policy_pool.stats()
-    hf = bool(stats) and all(s.get("engine") == "hf" for s in stats)  # vLLM batches inside its engine: no busy time to read
-    out = {"policy_busy": sum(s.get("engine_s", 0.0) for s in stats) / seconds if seconds and hf else None}
+    """Where the time went when search is slower than sampling."""
+    out = {"policy_busy": _engine_share(policy_pool, seconds)}
     if prm_pool is not None:
-        stats = prm_pool.stats()
-        used = any(s.get("items") for s in stats)
-        out["prm_busy"] = sum(s.get("busy_s", 0.0) for s in stats) / seconds if seconds and used else None
+        out["prm_busy"] = _engine_share(prm_pool, seconds)
     return out
 
 

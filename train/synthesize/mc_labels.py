@@ -157,14 +157,21 @@ def label_problem(client, problem: dict, cfg: dict) -> list[dict]:
                 p = labels[text]
             zero = zero or p == 0.0
             soft.append(p)
-        rec = dict(problem_id=problem["id"], question=problem["question"], answer=gold,
-                   level=problem.get("level"), sample=j, n_samples=len(first), steps=steps, soft=soft,
-                   hard=[int(p > 0) for p in soft], k=c.k, correct=is_correct(comp.text, gold),
-                   finish_reason=comp.finish_reason)
-        if exact_fn is not None:
-            rec["exact"] = exact_fn(steps)
-        records.append(rec)
+        records.append(_record(problem, j, len(first), comp, steps, soft, c.k,
+                               exact_fn(steps) if exact_fn is not None else None))
     return records
+
+
+def _record(problem: dict, sample: int, n_samples: int, comp, steps: list[str], soft: list[float], k: int,
+            exact: list[int] | None) -> dict:
+    """One output line (the layout in the module docstring); the hard label is 1 where any completion was right."""
+    rec = dict(problem_id=problem["id"], question=problem["question"], answer=problem["answer"],
+               level=problem.get("level"), sample=sample, n_samples=n_samples, steps=steps, soft=soft,
+               hard=[int(p > 0) for p in soft], k=k, correct=is_correct(comp.text, problem["answer"]),
+               finish_reason=comp.finish_reason)
+    if exact is not None:
+        rec["exact"] = exact
+    return rec
 
 
 def _oracle_records(problem: dict, first: list, trajs: list[list[str]], c: MCLabelConfig) -> list[dict]:
@@ -179,11 +186,7 @@ def _oracle_records(problem: dict, first: list, trajs: list[list[str]], c: MCLab
     records = []
     for j, (comp, steps) in enumerate(keep):
         exact = exact_fn(steps)
-        records.append(dict(problem_id=problem["id"], question=problem["question"], answer=problem["answer"],
-                            level=problem.get("level"), sample=j, n_samples=len(keep), steps=steps,
-                            soft=[float(x) for x in exact], hard=exact, k=0,
-                            correct=is_correct(comp.text, problem["answer"]), finish_reason=comp.finish_reason,
-                            exact=exact))
+        records.append(_record(problem, j, len(keep), comp, steps, [float(x) for x in exact], 0, exact))
     return records
 
 
