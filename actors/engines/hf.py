@@ -28,6 +28,7 @@ import threading
 from typing import Sequence
 
 from actors.engines.engine import Completion, GenerationRequest
+from actors.engines.prefix_cache import PrefixKVCache, batch_from_hits, row_kv
 
 _DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
            "float16": "float16", "fp16": "float16", "half": "float16"}
@@ -86,12 +87,15 @@ class HFEngine:
     dtype: "float32" (default; what parity with vLLM is checked at), "bfloat16", "float16" or "auto".
     device: "auto" (CUDA when present, else CPU), "cpu", "cuda", "cuda:1", ...
     max_batch_rows: rows (requests x n) decoded at once; bigger calls are split into chunks of this size.
+    prefix_cache_mb: memory for the KV of rows that stopped on a stop string (a step), so the next call that
+        continues them prefills only the new tokens (`prefix_cache.py`); 0 turns it off. The n rows of one
+        request always share one prefill.
     """
 
     engine_name = "hf"
 
     def __init__(self, model: str, dtype: str = "float32", device: str = "auto", max_batch_rows: int = 256,
-                 num_threads: int | None = None, trust_remote_code: bool = False):
+                 num_threads: int | None = None, trust_remote_code: bool = False, prefix_cache_mb: float = 512.0):
         import torch
         from transformers import AutoModelForCausalLM
 
@@ -116,6 +120,10 @@ class HFEngine:
         pad = self.tokenizer.pad_token_id
         self.pad_token_id = int(pad if pad is not None else next(iter(self.eos_token_ids), 0))
         self._lock = threading.Lock()  # one batch at a time on the model
+        self._pieces: dict[int, str] = {}
+        if prefix_cache_mb < 0:
+            raise ValueError(f"prefix_cache_mb must be >= 0 (0 turns the prefix cache off), got {prefix_cache_mb}")
+        self.prefix_cache = PrefixKVCache(int(prefix_cache_mb * 2**20))
 
     def _eos_ids(self) -> set[int]:
         ids: set[int] = set()
@@ -128,9 +136,20 @@ class HFEngine:
             ids.add(int(self.tokenizer.eos_token_id))
         return ids
 
+    def _piece(self, token: int) -> str:
+        p = self._pieces.get(token)
+        if p is None:
+            p = self._pieces[token] = self.tokenizer.decode([token], skip_special_tokens=True)
+        return p
+
     def _tail_has_stop(self, generated: list[int], stop: Sequence[str]) -> bool:
-        """Whether a stop string may have just completed: decodes only the last tokens (a stop string of c characters
-        spans at most c tokens, plus a margin for tokens that decode to nothing), not the whole text every step."""
+        """Whether a stop string may have just completed. A stop string completes only with a token whose text holds
+        its last character (a token that decodes to nothing or to part of a character is always checked); then
+        only the last tokens are decoded (a stop string of c characters spans at most c tokens, plus a margin for
+        tokens that decode to nothing), never the whole text at every token."""
+        piece = self._piece(generated[-1])
+        if piece and "\ufffd" not in piece and not any(s[-1] in piece for s in stop):
+            return False
         window = max(len(s) for s in stop) + 8
         tail = self.tokenizer.decode(generated[-window:], skip_special_tokens=True)
         return any(s in tail for s in stop)
@@ -162,20 +181,37 @@ class HFEngine:
 
     # ----------------------------------------------------------------------------------------------------------
 
+    def _prefill(self, prompts: list[list[int]]):
+        """Run the unique prompts once, each from its longest cached prefix: (last-token logits [U, V], the KV
+        cache, the attention mask [U, columns])."""
+        hits = [self.prefix_cache.lookup(p)[:2] if self.prefix_cache.enabled else (0, None) for p in prompts]
+        ids, mask, pos, cache, _ = batch_from_hits(prompts, hits, self.pad_token_id)
+        dev = self.device
+        ids, mask, pos = ids.to(dev), mask.to(dev), pos.to(dev)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
+        return out.logits[:, -1, :].float(), out.past_key_values, mask
+
+    def _remember(self, cache, j: int, cols, tokens: list[int]) -> None:
+        """Store row j's keys and values (its unmasked columns) under its tokens, for the next step's call."""
+        kv = row_kv(cache, j, cols)
+        if kv and kv[0][0].shape[1] == len(tokens):
+            self.prefix_cache.put(tokens, kv)
+
     def _decode(self, rows: list[tuple[GenerationRequest, list[int], int]]) -> list[Completion]:
         import torch
 
         dev = self.device
         B = len(rows)
         lens = [len(p) for _, p, _ in rows]
-        T = max(lens)
-        ids = torch.full((B, T), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((B, T), dtype=torch.long)
-        for b, (_, p, _) in enumerate(rows):
-            ids[b, T - len(p):] = torch.tensor(p, dtype=torch.long)
-            mask[b, T - len(p):] = 1
-        ids, mask = ids.to(dev), mask.to(dev)
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        # the n rows of a request (and equal prompts of different requests) share one prefill
+        unique: dict[tuple[int, ...], int] = {}
+        row_u = [unique.setdefault(tuple(p), len(unique)) for _, p, _ in rows]
+        with torch.inference_mode():
+            logits, cache, step_mask = self._prefill([list(p) for p in unique])
+            if len(unique) < B:
+                ru = torch.tensor(row_u, device=dev)
+                cache.batch_select_indices(ru)
+                logits, step_mask = logits[ru], step_mask[ru]
 
         reqs = [r for r, _, _ in rows]
         temps = torch.tensor([r.temperature for r in reqs], dtype=torch.float32, device=dev)
@@ -201,15 +237,8 @@ class HFEngine:
         alive = list(range(B))  # original row index of each row still in the batch
         eos = torch.tensor(sorted(self.eos_token_ids) or [-1], device=dev)
 
-        cache = None
-        step_ids, step_mask, step_pos = ids, mask, pos
         with torch.inference_mode():
             while alive:
-                out = self.model(input_ids=step_ids, attention_mask=step_mask, position_ids=step_pos,
-                                 past_key_values=cache, use_cache=True)
-                cache = out.past_key_values
-                logits = out.logits[:, -1, :].float()
-                del out
                 sel = torch.tensor(alive, device=dev)
                 tok = self._sample(logits, temps[sel], top_ps[sel], greedy[sel], any_top_p, [gens[b] for b in alive])
                 lp = None
@@ -238,6 +267,9 @@ class HFEngine:
                     if finish is None:
                         keep.append(j)
                         continue
+                    if finish == "stop" and self.prefix_cache.enabled:
+                        # a step-wise search continues this text next: keep its KV (all but the token just drawn)
+                        self._remember(cache, j, step_mask[j].bool(), rows[b][1] + generated[b][:-1])
                     if finish != "stop":
                         texts[b] = self.tokenizer.decode(generated[b], skip_special_tokens=True)
                     result[b] = Completion(
@@ -259,7 +291,11 @@ class HFEngine:
                     alive = [alive[j] for j in keep]
                 step_mask = torch.cat([step_mask, torch.ones((len(alive), 1), dtype=step_mask.dtype, device=dev)], 1)
                 step_pos = torch.tensor([[lens[b] + len(generated[b]) - 1] for b in alive], device=dev)
-                step_ids = tok[:, None]
+                out = self.model(input_ids=tok[:, None], attention_mask=step_mask, position_ids=step_pos,
+                                 past_key_values=cache, use_cache=True)
+                cache = out.past_key_values
+                logits = out.logits[:, -1, :].float()
+                del out
         return result  # type: ignore[return-value]
 
     @staticmethod

@@ -99,11 +99,19 @@ def _engine_share(pool, seconds: float) -> float | None:
     return sum(s.get("engine_s", 0.0) for s in stats) / seconds
 
 
+def _prefix_hits(pool) -> float | None:
+    """Share of the tokens the pool's HF engines looked up that their prefix caches already held."""
+    caches = [s["prefix_cache"] for s in pool.stats() if s.get("prefix_cache")]
+    query = sum(c["query_tokens"] for c in caches)
+    return sum(c["hit_tokens"] for c in caches) / query if query else None
+
+
 def _busy(policy_pool, prm_pool, seconds: float) -> dict:
     """Where the time went when search is slower than sampling."""
-    out = {"policy_busy": _engine_share(policy_pool, seconds)}
+    out = {"policy_busy": _engine_share(policy_pool, seconds), "policy_prefix_hits": _prefix_hits(policy_pool)}
     if prm_pool is not None:
         out["prm_busy"] = _engine_share(prm_pool, seconds)
+        out["prm_prefix_hits"] = _prefix_hits(prm_pool)
     return out
 
 
