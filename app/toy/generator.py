@@ -352,3 +352,57 @@ def exact_step_labels(question: str, steps: Sequence[str]) -> list[int]:
                 ok = False
         out.append(int(ok))
     return out
+
+
+def perturb_step(step: str, rng: random.Random) -> str | None:
+    """The step with one number of its result side (after the last "=", or the boxed answer) changed the way the
+    toy policy slips: a digit changed, dropped or doubled, or the number off by 1 or 10. None when the step has no
+    such number. A near miss the PRM must learn to see (a wrong sum reads almost like the right one)."""
+    cut = step.rfind("=")
+    box = step.find("\\boxed{")
+    start = box + len("\\boxed{") if box >= 0 else (cut + 1 if cut >= 0 else -1)
+    if start < 0:
+        return None
+    nums = [m for m in re.finditer(r"\d+", step[start:])]
+    if not nums:
+        return None
+    m = rng.choice(nums)
+    s = m.group(0)
+    kind = rng.choice(["digit", "drop", "double", "plus", "minus", "ten"])
+    if kind == "digit":
+        i = rng.randrange(len(s))
+        new = s[:i] + rng.choice([d for d in "0123456789" if d != s[i]]) + s[i + 1:]
+    elif kind == "drop" and len(s) > 1:
+        i = rng.randrange(len(s))
+        new = s[:i] + s[i + 1:]
+    elif kind == "double":
+        i = rng.randrange(len(s))
+        new = s[:i + 1] + s[i:]
+    elif kind == "minus" and int(s) > 0:
+        new = str(int(s) - 1)
+    elif kind == "ten":
+        new = str(int(s) + 10) if int(s) < 10 or rng.random() < 0.5 else str(int(s) - 10)
+    else:
+        new = str(int(s) + 1)
+    if len(new) > 1 and new[0] == "0":
+        new = new.lstrip("0") or "0"
+    if new == s:
+        return None
+    a, b = start + m.start(), start + m.end()
+    return step[:a] + new + step[b:]
+
+
+def perturbed_trajectories(question: str, steps: Sequence[str], rng: random.Random, count: int = 1) -> list[list[str]]:
+    """Up to `count` copies of a trajectory cut after one of its right steps, that step perturbed (`perturb_step`)
+    so that the checker calls it wrong: extra first-slip examples for PRM training."""
+    labels = exact_step_labels(question, steps)
+    right = [j for j, y in enumerate(labels) if y == 1]
+    out = []
+    for j in rng.sample(right, min(count, len(right))):
+        bad = perturb_step(steps[j], rng)
+        if bad is None:
+            continue
+        cand = list(steps[:j]) + [bad]
+        if exact_step_labels(question, cand)[-1] == 0:
+            out.append(cand)
+    return out
