@@ -137,9 +137,14 @@ class HFEngine:
         return ids
 
     def _piece(self, token: int) -> str:
+        """A token's text (SentencePiece drops the leading space of a lone "▁word" when decoding: put it back)."""
         p = self._pieces.get(token)
         if p is None:
-            p = self._pieces[token] = self.tokenizer.decode([token], skip_special_tokens=True)
+            p = self.tokenizer.decode([token], skip_special_tokens=True)
+            raw = self.tokenizer.convert_ids_to_tokens(token)
+            if isinstance(raw, str) and raw.startswith("\u2581") and not p.startswith(" "):
+                p = " " + p
+            self._pieces[token] = p
         return p
 
     def _tail_has_stop(self, generated: list[int], stop: Sequence[str]) -> bool:

@@ -1,11 +1,14 @@
 """`python -m jobs.bench search [--config RECIPE] [--problems K] [--json]`: throughput of search on the actor pools.
 
-Two figures, each a ratio measured in one run on the same machine:
+Three figures, each a ratio measured in one run on the same machine:
 
 - search_efficiency: generated tokens/s of the recipe's step-wise search (beam search by default: many small
   calls that stop at step boundaries, interleaved with PRM scoring) over generated tokens/s of plain sampling of
   the same number of tokens on the same policy pool (one request of n samples per problem, no stop string,
   max_tokens sized so the total matches). 1.0 means step-wise search keeps the engine as busy as plain sampling.
+- engine_efficiency (HF engines): the same ratio per second of policy-engine compute, so the time the engine
+  sat idle waiting on PRM scores is left out. Where the PRM shares the policy's CPUs (one machine), its
+  concurrent work still slows the engine's own seconds; with the PRM on its own device that cost goes too.
 - replica_scaling: problems/s of the same search with 2 policy replicas over problems/s with 1 (ideal: 2.0,
   bounded by the PRM pool and the CPUs or GPUs the replicas get).
 
@@ -146,6 +149,10 @@ def _phase_one(cfg, problems, prompts, policy_pool, prm_pool, window: int, rows:
     figures["search_efficiency"] = (
         figures["search_tokens_per_s"] / figures["sampling_tokens_per_s"] if figures["sampling_tokens_per_s"] else 0.0
     )
+    # the same ratio per second the policy engine computed: what is left when the PRM does not share its CPUs
+    busy = [rows[-2].get("policy_busy"), rows[-1].get("policy_busy")]
+    if all(busy):
+        figures["engine_efficiency"] = figures["search_efficiency"] * busy[1] / busy[0]
     return search1
 
 
