@@ -80,8 +80,6 @@ class ToyPRM(BaseConfig):
     labels: str = Field("soft", pattern="^(soft|hard)$", description="which MC labels (data=mc)")
     init_from_policy: bool = True
     extra_layers: int = Field(0, ge=0, description="with init_from_policy: identity-initialised layers on top")
-    perturb: float = Field(0.0, ge=0, description="with data=exact: perturbed copies per trajectory (a right step "
-                           "with one number changed, labelled by the checker): extra near-miss first slips")
     size: str = "tiny"
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(name="toy-prm", lr=1e-3, micro_batch_size=32))
 
@@ -209,9 +207,6 @@ def build(cfg: ToyConfig, out: Path) -> dict:
     summary["mc_heldout"] = summarize(read_jsonl(held_mc))
     if prm_data != train_mc:
         summary["exact_train"] = summarize(read_jsonl(prm_data))
-    if cfg.prm.data == "exact" and cfg.prm.perturb > 0:
-        prm_data = add_perturbed(prm_data, cfg.prm.perturb, cfg.seed)
-        summary["prm_data"] = summarize(read_jsonl(prm_data))
     print(f"[toy build] MC labels: {st1['trajectories'] + st2['trajectories']} new trajectories; PRM data: {prm_data.name} "
           f"({times['mc_labels']:.0f} s)", flush=True)
 
@@ -234,37 +229,6 @@ def build(cfg: ToyConfig, out: Path) -> dict:
                            for name in ("policy", "prm")}
     (out / "build.json").write_text(json.dumps({"config": cfg.model_dump(mode="json"), **summary}, indent=1, default=str) + "\n")
     return summary
-
-
-def add_perturbed(data: Path, rate: float, seed: int) -> Path:
-    """The checker-labelled trajectories plus `rate` perturbed copies per trajectory (`perturbed_trajectories`).
-
-    Why: the toy PRM missed blatant slips (13 + 5 = 10 scored 0.85): only about one step in seven of the sampled
-    trajectories is a first slip, so near misses are rare in its data. Each copy is cut after a right step with
-    one number changed the way the policy slips, and labelled by the checker like every other record.
-    """
-    import random
-
-    from app.toy.generator import exact_step_labels, perturbed_trajectories
-    from train.sft import read_jsonl
-
-    out = data.with_name(f"{data.stem}-perturb{rate:g}-{seed}.jsonl")
-    if out.exists():
-        return out
-    rng = random.Random(seed)
-    records = read_jsonl(data)
-    tmp = out.with_suffix(".tmp")
-    with open(tmp, "w") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
-        for r in records:
-            k = int(rate) + (rng.random() < rate - int(rate))
-            for steps in perturbed_trajectories(r["question"], r["steps"], rng, k):
-                labels = exact_step_labels(r["question"], steps)
-                f.write(json.dumps({**r, "steps": steps, "hard": labels, "soft": [float(y) for y in labels],
-                                    "exact": labels, "correct": False, "perturbed": True}) + "\n")
-    tmp.replace(out)
-    return out
 
 
 def print_build_summary(summary: dict, out: Path) -> None:

@@ -102,25 +102,3 @@ def test_prompt_and_problem_fields(test_set):
     assert p.id.startswith(f"toy-L{p.level}-")
     assert "toy:test" in p.tags
     assert len({q.id for q in test_set}) == len(test_set)
-
-
-def test_perturbed_trajectories_end_in_a_near_miss_the_checker_rejects(test_set):
-    from app.toy.generator import perturb_step, perturbed_trajectories
-
-    rng = random.Random(0)
-    made = 0
-    for p in test_set[::7]:
-        steps = split_steps(p.solution + STEP_SEP)
-        for t in perturbed_trajectories(p.question, steps, rng, count=2):
-            made += 1
-            j = len(t) - 1
-            assert t[:j] == steps[:j]  # cut right after the perturbed step
-            assert exact_step_labels(p.question, t) == [1] * j + [0]
-            # one number changed, on the result side only
-            before, after = steps[j], t[j]
-            assert before != after
-            head = before[: before.rfind("=") + 1] if "boxed" not in before else before[: before.find("{") + 1]
-            assert after.startswith(head)
-            assert re.sub(r"\d+", "#", before) == re.sub(r"\d+", "#", after)
-    assert made > 20
-    assert perturb_step("no numbers here", rng) is None
