@@ -307,8 +307,6 @@ class HFPRMEngine:
             pad = tok.eos_token_id if tok.eos_token_id is not None else 0
         self.pad_token_id = pad
         self.max_length = getattr(self.model.config, "max_position_embeddings", None)
-        if prefix_cache_mb < 0:
-            raise ValueError(f"prefix_cache_mb must be >= 0 (0 turns the prefix cache off), got {prefix_cache_mb}")
         self.prefix_cache = PrefixKVCache(int(prefix_cache_mb * 2**20))
 
     def _chunks(self, order: list[int], lengths: list[int]) -> list[list[int]]:

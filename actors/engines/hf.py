@@ -121,8 +121,6 @@ class HFEngine:
         self.pad_token_id = int(pad if pad is not None else next(iter(self.eos_token_ids), 0))
         self._lock = threading.Lock()  # one batch at a time on the model
         self._pieces: dict[int, str] = {}
-        if prefix_cache_mb < 0:
-            raise ValueError(f"prefix_cache_mb must be >= 0 (0 turns the prefix cache off), got {prefix_cache_mb}")
         self.prefix_cache = PrefixKVCache(int(prefix_cache_mb * 2**20))
 
     def _eos_ids(self) -> set[int]:

@@ -35,8 +35,10 @@ class PrefixKVCache:
     the engine computed at those tokens and wants back (`extra`: the PRM keeps its step scores there)."""
 
     def __init__(self, max_bytes: int):
+        if max_bytes < 0:
+            raise ValueError(f"prefix_cache_mb must be >= 0 (0 turns the prefix cache off), got {max_bytes / 2**20:g}")
         self.max_bytes = int(max_bytes)
-        self._entries: OrderedDict[tuple[int, int], tuple[tuple[int, ...], list, object]] = OrderedDict()
+        self._entries: OrderedDict[tuple[int, int], tuple[tuple[int, ...], list, object, int]] = OrderedDict()  # tokens, kv, extra, bytes
         self._lengths: Counter[int] = Counter()
         self.bytes = 0
         self.reset_counters()
@@ -79,7 +81,7 @@ class PrefixKVCache:
         old = self._entries.pop(key, None)
         if old is not None:
             self._forget(key, old)
-        self._entries[key] = (tuple(tokens), kv, extra)
+        self._entries[key] = (tuple(tokens), kv, extra, size)
         self._lengths[len(tokens)] += 1
         self.bytes += size
         while self.bytes > self.max_bytes and self._entries:
@@ -90,7 +92,7 @@ class PrefixKVCache:
         self._lengths[key[0]] -= 1
         if self._lengths[key[0]] <= 0:
             del self._lengths[key[0]]
-        self.bytes -= sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in entry[1])
+        self.bytes -= entry[3]
 
     def clear(self) -> None:
         self._entries.clear()
