@@ -17,8 +17,13 @@ depends on, so changing only the MC or PRM settings reuses the finished policy).
 
 eval: on `eval.n_per_level` held-out problems per level: greedy accuracy, accuracy of one sample at the eval
 temperature, majority@N, PRM best-of-N (by the last step's score, and by the lowest step score), PRM-weighted
-majority@N, pass@N; and the PRM's step-level ROC AUC on the held-out MC labels (against the hard labels; against
-the true step correctness too). --json prints one object (keys "1".."5" per level and "all") as the last line.
+majority@N, pass@N; the PRM's step-level ROC AUC on the held-out MC labels (against the hard labels; against
+the true step correctness too); and the step-choice check: the policy continues each right prefix of a test
+problem's solution with `step_samples` sampled steps, the checker labels them, and `step_choice_prm` is the share
+of (right, wrong) pairs of one prefix that the PRM orders right (what beam search's pruning needs; the pooled
+AUC mixes positions and problems and flatters it), beside `step_choice_policy`, the same with the policy's own
+log-likelihood of the step as the score. --json prints one object (keys "1".."5" per level and "all") as the
+last line.
 """
 from __future__ import annotations
 
@@ -92,6 +97,9 @@ class ToyEval(BaseConfig):
     replicas: int = 2
     max_batch: int = 64
     max_in_flight: int = 8
+    step_problems_per_level: int = Field(40, ge=0, description="problems per level for the step-choice check "
+                                         "(0: skip it)")
+    step_samples: int = Field(6, ge=2, description="sampled next steps per right prefix in the step-choice check")
 
 
 class ToyConfig(BaseConfig):
@@ -265,6 +273,30 @@ def _weighted(answers: list[str | None], scores: list[float]) -> str | None:
     return max(tot, key=tot.get) if tot else None
 
 
+def choice_accuracy(groups: Sequence[Sequence[tuple[float, int]]]) -> tuple[float | None, int]:
+    """Share of (right, wrong) pairs within a group that the score orders right (ties count half), and the number
+    of pairs; None when no group holds both."""
+    pairs, good = 0, 0.0
+    for g in groups:
+        for s_right, y_right in g:
+            if not y_right:
+                continue
+            for s_wrong, y_wrong in g:
+                if not y_wrong:
+                    pairs += 1
+                    good += 1.0 if s_right > s_wrong else 0.5 if s_right == s_wrong else 0.0
+    return (good / pairs if pairs else None), pairs
+
+
+def _prefix_prompts(problem) -> list[tuple[str, list[str]]]:
+    """(prompt, right steps so far) for every right prefix of the problem's solution, the empty one included."""
+    from app.search.tree import split_steps
+    from app.toy.generator import toy_prompt
+
+    steps = split_steps(problem.solution)
+    return [(toy_prompt(problem) + "".join(steps[:k]), steps[:k]) for k in range(len(steps))]
+
+
 def evaluate(cfg: ToyConfig, models: Path, progress: bool = True) -> dict:
     import ray
     from tqdm import tqdm
@@ -294,21 +326,43 @@ def evaluate(cfg: ToyConfig, models: Path, progress: bool = True) -> dict:
         ])
         return greedy[0].text, [c.text for c in samples]
 
-    t0 = time.time()
-    results: dict[int, tuple[str, list[str]]] = {}
-    try:
+    @ray.remote(num_cpus=0)
+    def next_steps(client, prompts: list[str], seed: int):
+        """Distinct sampled next steps of each prefix, with the policy's log-likelihood of each."""
+        outs = client.generate([
+            GenerationRequest(q, n=e.step_samples, max_tokens=e.max_tokens, temperature=e.temperature, stop=["\n\n"],
+                              seed=seed + 1000 * k, logprobs=True)
+            for k, q in enumerate(prompts)
+        ])
+        return [list({c.text: c.cumulative_logprob for c in cs if c.text.strip()}.items()) for cs in outs]
+
+    step_problems = [i for level in cfg.levels
+                     for i in [j for j, p in enumerate(problems) if p.level == level][:e.step_problems_per_level]]
+
+    def windowed(submit, items: list, desc: str) -> list:
+        """submit(item) -> ObjectRef for every item, at most `max_in_flight` at once; results in item order."""
+        out: list = [None] * len(items)
         pending: dict = {}
-        todo = list(enumerate(problems))
-        bar = tqdm(total=len(problems), desc="eval: sampling", disable=not progress, dynamic_ncols=True, mininterval=2.0)
+        todo = list(enumerate(items))
+        bar = tqdm(total=len(items), desc=desc, disable=not progress, dynamic_ncols=True, mininterval=2.0)
         while todo or pending:
             while todo and len(pending) < e.max_in_flight:
-                i, p = todo.pop(0)
-                pending[solve.remote(client, toy_prompt(p), cfg.seed * 1_000_003 + i)] = i
+                j, item = todo.pop(0)
+                pending[submit(item)] = j
             ready, _ = ray.wait(list(pending), num_returns=1)
             for ref in ready:
-                results[pending.pop(ref)] = ray.get(ref)
+                out[pending.pop(ref)] = ray.get(ref)
                 bar.update(1)
         bar.close()
+        return out
+
+    t0 = time.time()
+    try:
+        results = windowed(lambda i: solve.remote(client, toy_prompt(problems[i]), cfg.seed * 1_000_003 + i),
+                           list(range(len(problems))), "eval: sampling")
+        steps_out = windowed(lambda i: next_steps.remote(client, [q for q, _ in _prefix_prompts(problems[i])],
+                                                         cfg.seed * 1_000_003 + 7 * i),
+                             step_problems, "eval: step choice")
     finally:
         pool.shutdown()
     sample_s = time.time() - t0
@@ -345,6 +399,33 @@ def evaluate(cfg: ToyConfig, models: Path, progress: bool = True) -> dict:
             pass_n=any(is_correct(t, p.answer) for t in samples),
         ))
 
+    # step choice: each right prefix's sampled next steps, labelled by the checker, scored by the PRM and the policy
+    choice_rows: list[tuple[int, int, str, float, int]] = []  # (level, prefix group, step, policy logprob, right)
+    groups: list[tuple[str, list[str]]] = []  # (question, right steps so far) of each prefix group
+    for i, per_prefix in zip(step_problems, steps_out):
+        p = problems[i]
+        for (_, pre), cands in zip(_prefix_prompts(p), per_prefix):
+            groups.append((p.question, pre))
+            for text, lp in cands:
+                choice_rows.append((p.level, len(groups) - 1, text, float(lp or 0.0),
+                                    exact_step_labels(p.question, pre + [text])[-1]))
+    choice_enc = [fmt.encode(groups[g][0], groups[g][1] + [text]) for _, g, text, _, _ in choice_rows]
+    choice_prm: list[float] = []
+    for lo in range(0, len(choice_enc), 256):
+        choice_prm += [s[-1] for s in engine.score(choice_enc[lo:lo + 256])]
+
+    def choice(level: int | None) -> dict:
+        groups_prm: dict[int, list] = {}
+        groups_pol: dict[int, list] = {}
+        for (lv, g, _, lp, y), ps in zip(choice_rows, choice_prm):
+            if level is None or lv == level:
+                groups_prm.setdefault(g, []).append((ps, y))
+                groups_pol.setdefault(g, []).append((lp, y))
+        acc_prm, pairs = choice_accuracy(list(groups_prm.values()))
+        acc_pol, _ = choice_accuracy(list(groups_pol.values()))
+        return {"step_choice_prm": _r(acc_prm) if acc_prm is not None else None,
+                "step_choice_policy": _r(acc_pol) if acc_pol is not None else None, "step_choice_pairs": pairs}
+
     held_path = models / "heldout_mc.jsonl"
     held = read_jsonl(held_path) if held_path.exists() else []
     held_enc = [fmt.encode(r["question"], r["steps"]) for r in held]
@@ -371,7 +452,9 @@ def evaluate(cfg: ToyConfig, models: Path, progress: bool = True) -> dict:
     out: dict = {}
     for level in sorted(by_level):
         out[str(level)] = table(by_level[level], [j for j, r in enumerate(held) if r.get("level") == level])
+        out[str(level)].update(choice(level))
     out["all"] = table([x for v in by_level.values() for x in v], list(range(len(held))))
+    out["all"].update(choice(None))
     out["all"]["sampling_seconds"] = round(sample_s, 1)
     return out
 
@@ -381,7 +464,8 @@ def _r(x: float) -> float | None:
 
 
 def print_eval(res: dict) -> None:
-    keys = [k for k in next(iter(res.values())) if k not in ("problems", "heldout_steps", "sampling_seconds")]
+    keys = [k for k in next(iter(res.values()))
+            if k not in ("problems", "heldout_steps", "sampling_seconds", "step_choice_pairs")]
     print("level  problems  " + "  ".join(f"{k:>14}" for k in keys))
     for level, d in res.items():
         cells = "  ".join(f"{d.get(k):>14}" if d.get(k) is not None else f"{'-':>14}" for k in keys)

@@ -49,9 +49,23 @@ def test_build_quick_end_to_end(ray_cluster, tmp_path, capsys):
     assert rc == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert set(res) == {"1", "3", "all"}
-    for key in ("greedy", "majority@2", "prm_best_of_2", "step_auc"):
+    for key in ("greedy", "majority@2", "prm_best_of_2", "step_auc", "step_choice_prm", "step_choice_policy"):
         assert key in res["1"]
     assert res["all"]["problems"] == 4
+    for key in ("step_choice_prm", "step_choice_policy"):
+        v = res["all"][key]
+        assert (v is None) == (res["all"]["step_choice_pairs"] == 0) and (v is None or 0.0 <= v <= 1.0)
+
+
+def test_choice_accuracy_counts_right_over_wrong_pairs_within_a_prefix_only():
+    from jobs.toy import choice_accuracy
+
+    # group 1: the right step (0.9) beats both wrong ones; group 2: one wrong step outranks the right one, one ties
+    groups = [[(0.9, 1), (0.2, 0), (0.5, 0)], [(0.4, 1), (0.7, 0), (0.4, 0)], [(0.1, 1), (0.3, 1)]]
+    acc, pairs = choice_accuracy(groups)
+    assert pairs == 4 and acc == (1 + 1 + 0 + 0.5) / 4
+    # pairs never cross groups: a wrong step scored low in another group does not help
+    assert choice_accuracy([[(0.5, 1)], [(0.1, 0)]]) == (None, 0)
 
 
 def test_quick_refuses_to_overwrite_shipped(capsys):
