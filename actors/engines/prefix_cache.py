@@ -143,9 +143,9 @@ def batch_from_hits(seqs: Sequence[Sequence[int]], hits: Sequence[tuple[int, lis
                     K[u, :, P - c:] = kv[li][0]
                     V[u, :, P - c:] = kv[li][1]
             layers.append((K, V))
-        from transformers import DynamicCache
+        from actors.engines.kv_cache import growing_cache
 
-        cache = DynamicCache(ddp_cache_data=layers)
+        cache = growing_cache(layers)
     return ids, mask, pos, cache, offsets
 
 

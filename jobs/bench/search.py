@@ -105,6 +105,13 @@ def _engine_share(pool, seconds: float) -> float | None:
     return sum(s.get("engine_s", 0.0) for s in stats) / seconds
 
 
+def _mean_batch(pool) -> float | None:
+    """Sequences (rows) per engine call of the pool's HF micro-batchers: bigger batches keep a CPU or GPU busier."""
+    stats = pool.stats()
+    batches = sum(s.get("batches", 0) for s in stats)
+    return sum(s.get("sequences", 0) for s in stats) / batches if batches else None
+
+
 def _prefix_hits(pool) -> float | None:
     """Share of the tokens the pool's HF engines looked up that their prefix caches already held."""
     caches = [s["prefix_cache"] for s in pool.stats() if s.get("prefix_cache")]
@@ -114,7 +121,8 @@ def _prefix_hits(pool) -> float | None:
 
 def _busy(policy_pool, prm_pool, seconds: float) -> dict:
     """Where the time went when search is slower than sampling."""
-    out = {"policy_busy": _engine_share(policy_pool, seconds), "policy_prefix_hits": _prefix_hits(policy_pool)}
+    out = {"policy_busy": _engine_share(policy_pool, seconds), "policy_prefix_hits": _prefix_hits(policy_pool),
+           "policy_rows": _mean_batch(policy_pool)}
     if prm_pool is not None:
         out["prm_busy"] = _engine_share(prm_pool, seconds)
         out["prm_prefix_hits"] = _prefix_hits(prm_pool)
