@@ -14,9 +14,9 @@ Three figures, each a ratio measured in one run on the same machine:
 
 Both phases run the problems as Ray tasks through the search job's own submission code, with the same window of
 problems in flight. The default 64 problems keep the window full for most of the run: with 16 and a window of 8,
-much of the beam-search phase ran with the window draining, and the ratio read 0.30-0.35 where 64
-problems read 0.44-0.52 on the same 2 cores. The
-sampling row's `rounds` says how many top-up rounds plain sampling needed (samples that end at EOS early).
+much of the beam-search phase ran with the window draining, and the ratio read 0.30-0.35 where 64 problems read
+0.44-0.52 on the same 2 cores. The sampling row's `rounds` says how many top-up rounds plain sampling needed
+(samples that end at EOS early).
 """
 from __future__ import annotations
 
