@@ -374,8 +374,8 @@ class HFPRMEngine:
     def _probs(self, ids, mask, pos, cache, rows, cols):
         """P(good) at (rows, cols) of this batch, and the batch's KV cache (None when the prefix cache is off)."""
         use_cache = self.prefix_cache.enabled
-        body = self.model.base_model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
-                                     use_cache=use_cache)
+        body = self.model.base_model(input_ids=ids, attention_mask=mask, position_ids=pos,
+                                     past_key_values=cache if use_cache else None, use_cache=use_cache)
         hidden = body.last_hidden_state[rows, cols]
         kv = body.past_key_values if use_cache else None
         if self.fmt.head == "classifier":

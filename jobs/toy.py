@@ -423,8 +423,7 @@ def evaluate(cfg: ToyConfig, models: Path, progress: bool = True) -> dict:
                 groups_pol.setdefault(g, []).append((lp, y))
         acc_prm, pairs = choice_accuracy(list(groups_prm.values()))
         acc_pol, _ = choice_accuracy(list(groups_pol.values()))
-        return {"step_choice_prm": _r(acc_prm) if acc_prm is not None else None,
-                "step_choice_policy": _r(acc_pol) if acc_pol is not None else None, "step_choice_pairs": pairs}
+        return {"step_choice_prm": _r(acc_prm), "step_choice_policy": _r(acc_pol), "step_choice_pairs": pairs}
 
     held_path = models / "heldout_mc.jsonl"
     held = read_jsonl(held_path) if held_path.exists() else []
@@ -459,8 +458,8 @@ def evaluate(cfg: ToyConfig, models: Path, progress: bool = True) -> dict:
     return out
 
 
-def _r(x: float) -> float | None:
-    return None if x != x else round(x, 4)
+def _r(x: float | None) -> float | None:
+    return None if x is None or x != x else round(x, 4)
 
 
 def print_eval(res: dict) -> None:

@@ -28,7 +28,6 @@ import threading
 from typing import Sequence
 
 from actors.engines.engine import Completion, GenerationRequest
-from actors.engines.kv_cache import growing_cache
 from actors.engines.prefix_cache import PrefixKVCache, batch_from_hits, row_kv
 
 _DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
@@ -190,8 +189,6 @@ class HFEngine:
         cache, the attention mask [U, columns])."""
         hits = [self.prefix_cache.lookup(p)[:2] if self.prefix_cache.enabled else (0, None) for p in prompts]
         ids, mask, pos, cache, _ = batch_from_hits(prompts, hits, self.pad_token_id)
-        if cache is None:
-            cache = growing_cache()
         dev = self.device
         ids, mask, pos = ids.to(dev), mask.to(dev), pos.to(dev)
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)

@@ -20,18 +20,15 @@ class GrowingLayer(DynamicLayer):
         self._k = self._v = None
         self._len = 0
 
-    def _reserve(self, need: int) -> None:
-        import torch
-
+    def _reserve(self, need: int, key_states, value_states) -> None:
+        """Room for `need` tokens: a buffer shaped like the new states (doubling, at least `min_room` spare)."""
         cap = 0 if self._k is None else self._k.shape[-2]
         if need <= cap:
             return
         new_cap = max(need + self.min_room, 2 * cap)
-        k0 = self._k if self._k is not None else self._new_k
-        shape = (k0.shape[0], k0.shape[1], new_cap, k0.shape[3])
-        k = torch.empty(shape, dtype=self._new_k.dtype, device=self._new_k.device)
-        v = torch.empty((shape[0], shape[1], new_cap, self._new_v.shape[3]), dtype=self._new_v.dtype,
-                        device=self._new_v.device)
+        b, h, _, _ = key_states.shape
+        k = key_states.new_empty((b, h, new_cap, key_states.shape[-1]))
+        v = value_states.new_empty((b, value_states.shape[1], new_cap, value_states.shape[-1]))
         if self._len:
             k[:, :, : self._len] = self._k[:, :, : self._len]
             v[:, :, : self._len] = self._v[:, :, : self._len]
@@ -41,12 +38,10 @@ class GrowingLayer(DynamicLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         n = key_states.shape[-2]
-        self._new_k, self._new_v = key_states, value_states
-        self._reserve(self._len + n)
+        self._reserve(self._len + n, key_states, value_states)
         self._k[:, :, self._len: self._len + n] = key_states
         self._v[:, :, self._len: self._len + n] = value_states
         self._len += n
-        self._new_k = self._new_v = None
         self.keys, self.values = self._k[:, :, : self._len], self._v[:, :, : self._len]
         return self.keys, self.values
 

@@ -112,8 +112,9 @@ def batch_from_hits(seqs: Sequence[Sequence[int]], hits: Sequence[tuple[int, lis
     Row u is laid out [pad, cached prefix (c_u), pad, new tokens (s_u)]: the cached keys and values are left-padded
     to the longest prefix P, the new tokens to the longest rest S, the holes masked out and positions given
     explicitly, so attention sees exactly what one pass over the whole sequence would. Returns (input_ids [U, S],
-    attention_mask [U, P + S], position_ids [U, S], a DynamicCache or None, offsets) where the new token at
-    position c_u + i of row u sits at column offsets[u] + i of input_ids (and of the model's outputs).
+    attention_mask [U, P + S], position_ids [U, S], a `kv_cache.growing_cache` holding the prefixes (empty without
+    hits), offsets) where the new token at position c_u + i of row u sits at column offsets[u] + i of input_ids
+    (and of the model's outputs).
     """
     import torch
 
@@ -131,10 +132,9 @@ def batch_from_hits(seqs: Sequence[Sequence[int]], hits: Sequence[tuple[int, lis
         mask[u, P + S - s:] = 1
         pos[u, S - s:] = torch.arange(c, len(p))
         offsets.append(S - s)
-    cache = None
+    layers = []
     if P:
         first = next(kv for _, kv in hits if kv is not None)
-        layers = []
         for li, (k0, v0) in enumerate(first):
             K = k0.new_zeros((U, k0.shape[0], P, k0.shape[2]))
             V = v0.new_zeros((U, v0.shape[0], P, v0.shape[2]))
@@ -143,9 +143,9 @@ def batch_from_hits(seqs: Sequence[Sequence[int]], hits: Sequence[tuple[int, lis
                     K[u, :, P - c:] = kv[li][0]
                     V[u, :, P - c:] = kv[li][1]
             layers.append((K, V))
-        from actors.engines.kv_cache import growing_cache
+    from actors.engines.kv_cache import growing_cache
 
-        cache = growing_cache(layers)
+    cache = growing_cache(layers)
     return ids, mask, pos, cache, offsets
 
 
