@@ -41,6 +41,30 @@ def test_qwen_layout_matches_the_prm_actor():
     assert hard["labels"] == [1.0, 1.0, 1.0]
 
 
+def test_token_labels_mark_the_slip_and_everything_after_it():
+    from actors.prm_model import Qwen2ForProcessRewardModel
+    from app.toy.models import prm_config
+    from app.toy.tokenizer import build_tokenizer
+
+    tok = build_tokenizer()
+    slip = dict(RECORD, steps=["(1 + 2) + 3 = 3 + 4.\n\n", "3 + 4 = 7.\n\n", "The answer is \\boxed{7}."], hard=[0, 0, 0])
+    task = PRMTask(PRMTrainConfig(data="unused.jsonl", labels="hard", token_labels=0.5))
+    (right, wrong), _ = task.encode_records([RECORD, slip], tok)
+    assert right["token_labels"] == [1.0] * len(right["token_positions"])
+    text = "".join(tok.decode([wrong["input_ids"][p]]) + ("" if y else "*")
+                   for p, y in zip(wrong["token_positions"], wrong["token_labels"]))
+    assert text == "(1 + 2) + 3 = 3 + 4*.*" + "".join(c + "*" for c in "3 + 4 = 7.The answer is \\boxed{7}.")
+    assert not set(wrong["token_positions"]) & set(wrong["positions"])  # tags keep their step label
+    batch = task.collate([right, wrong], tok)
+    assert (batch["token_labels"] >= 0).sum() == len(right["token_positions"]) + len(wrong["token_positions"])
+    torch.manual_seed(0)
+    model = Qwen2ForProcessRewardModel(prm_config(tok, "tiny"))
+    tags_only = model(**{k: v for k, v in batch.items() if k != "token_labels"}).loss
+    assert task.loss(model, dict(batch)) > tags_only  # the token term is added, with its weight
+    with pytest.raises(Exception, match="token_labels"):
+        task.encode_records([dict(RECORD, question="Compute 1 + 2 + 3.")], tok)
+
+
 def test_math_shepherd_loss_reads_the_tag_position():
     from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -7,8 +7,9 @@ import re
 import pytest
 
 from app.search.tree import split_steps
-from app.toy.generator import (LEVELS, STEP_SEP, apply_move, evaluate, exact_step_labels, moves, parse_expression,
-                               sample_terms, sft_examples, solve, split_of, toy_problems, toy_prompt)
+from app.toy.generator import (LEVELS, STEP_SEP, apply_move, evaluate, exact_step_labels, first_wrong_chars, moves,
+                               parse_expression, right_steps, sample_terms, sft_examples, solve, split_of, toy_problems,
+                               toy_prompt)
 
 LAST = re.compile(r"^(\d+) ([+-]) (\d+) = (\d+)\.$")
 BRACKET = re.compile(r"^(.*)\((\d+) ([+-]) (\d+)\)(.*) = (.*)\.$")
@@ -82,6 +83,31 @@ def test_exact_labels_catch_a_slip():
     steps[1] = f"{head} = {tail.replace(first, str(int(first) + 1), 1)}"
     assert exact_step_labels(p.question, steps) == [1] + [0] * (len(steps) - 1)
     assert exact_step_labels(p.question, steps[:1]) == [1]
+
+
+def test_first_wrong_chars_points_at_the_slip():
+    q = "What is 7 + 12 - 5 + 9?"
+    right = ["7 + (12 - 5) + 9 = 7 + 7 + 9.\n\n", "7 + (7 + 9) = 7 + 16.\n\n", "7 + 16 = 23.\n\n",
+             "The answer is \\boxed{23}."]
+    assert first_wrong_chars(q, right) == [None] * 4
+    # a wrong difference: right up to the digit, and every later step is wrong from its first character
+    slip = "7 + (12 - 5) + 9 = 7 + 8 + 9.\n\n"
+    assert first_wrong_chars(q, [slip, "7 + (8 + 9) = 7 + 17.\n\n"]) == [slip.index("8"), 0]
+    # a miscopied term in the bracket; the last computation and the answer step are checked too
+    assert first_wrong_chars(q, ["7 + (13 - 5) + 9 = 7 + 8 + 9.\n\n"]) == [6]
+    assert first_wrong_chars(q, right[:2] + ["7 + 16 = 24.\n\n", "The answer is \\boxed{24}."]) == [None, None, 10, 0]
+    answer = "The answer is \\boxed{32}."
+    assert first_wrong_chars(q, right[:3] + [answer]) == [None, None, None, answer.index("32")]
+    # a step the checker calls right stays right even when laid out unlike the training solutions
+    assert exact_step_labels(q, ["7 + 12 - (5 + 9) = 7 + 12 - 14.\n\n"]) == [0]
+
+
+def test_right_steps_are_the_training_solutions_steps():
+    rng = random.Random(1)
+    terms = sample_terms(rng, 4)
+    first_steps = {solve(terms, random.Random(i))[0] for i in range(60)}
+    assert first_steps == set(right_steps(terms))
+    assert right_steps([(1, 5)]) == ["The answer is \\boxed{5}."]
 
 
 def test_random_orders_cover_several_paths():

@@ -42,6 +42,9 @@ class PRMTrainConfig(Config):
     data: str = Field(..., description="MC-label JSONL (train.synthesize.mc_labels)")
     eval_data: str | None = Field(None, description="held-out MC-label JSONL for the per-epoch step AUC")
     labels: Literal["soft", "hard"] = "soft"
+    token_labels: float = Field(0.0, ge=0, description="qwen, toy questions only: weight of a second loss on every "
+                                "token of the steps, labelled by the toy checker (1 while the text can still become "
+                                "a right step, 0 from the slip on); 0 trains on the step tags alone")
     max_length: int = Field(1024, ge=8)
     step_delimiter: str = "\n\n"
     output: str | None = None
@@ -131,9 +134,12 @@ class PRMTask(TrainTask):
             if len(enc.input_ids) > self.cfg.max_length:
                 dropped += 1
                 continue
-            out.append({"input_ids": list(enc.input_ids), "positions": list(enc.positions),
-                        "labels": [float(x) for x in labels], "hard": [int(x) for x in r.get("hard", labels)],
-                        "soft": [float(x) for x in r.get("soft", labels)]})
+            ex = {"input_ids": list(enc.input_ids), "positions": list(enc.positions),
+                  "labels": [float(x) for x in labels], "hard": [int(x) for x in r.get("hard", labels)],
+                  "soft": [float(x) for x in r.get("soft", labels)]}
+            if self.cfg.token_labels > 0:
+                ex["token_positions"], ex["token_labels"] = token_labels(fmt, r["question"], steps, enc)
+            out.append(ex)
         return out, dropped
 
     def load_examples(self, tokenizer) -> list[dict]:
@@ -154,11 +160,23 @@ class PRMTask(TrainTask):
             ids[r, : len(e["input_ids"])] = torch.tensor(e["input_ids"], dtype=torch.long)
             mask[r, : len(e["input_ids"])] = 1
             step_labels[r, e["positions"]] = torch.tensor(e["labels"])
-        return {"input_ids": ids, "attention_mask": mask, "step_labels": step_labels}
+        batch = {"input_ids": ids, "attention_mask": mask, "step_labels": step_labels}
+        if all("token_labels" in e for e in examples):
+            tokens = torch.full((len(examples), T), -1.0)
+            for r, e in enumerate(examples):
+                tokens[r, e["token_positions"]] = torch.tensor(e["token_labels"])
+            batch["token_labels"] = tokens
+        return batch
 
     def loss(self, model, batch):
         if self.cfg.format == "qwen":
-            return model(**batch).loss
+            from actors.prm_model import soft_label_loss
+
+            tokens = batch.pop("token_labels", None)
+            out = model(**batch)
+            if tokens is None:
+                return out.loss
+            return out.loss + self.cfg.token_labels * soft_label_loss(out.logits, tokens)
         return math_shepherd_loss(model, batch, self._label_ids)
 
     @property
@@ -243,6 +261,45 @@ def prm_from_causal_lm(path: str, tokenizer, extra_layers: int = 0):
     if bad or unexpected:
         raise ConfigError(f"init_from {path}: body weights do not match a Qwen2 body (missing {bad[:3]}, unexpected {unexpected[:3]})")
     return model
+
+
+def token_labels(fmt, question: str, steps: Sequence[str], enc) -> tuple[list[int], list[float]]:
+    """Positions and labels of every token inside a step (`app.toy.generator.first_wrong_chars`).
+
+    Why: a step's tag alone tells the PRM that a step went wrong, not where. Beam search asks it to tell apart
+    sibling steps that differ in one digit, and the policy's own likelihood does that far better (it compares
+    each written token with its prediction). Labelling each token teaches the PRM that comparison at the token
+    where the slip is, and the tag reads it from there.
+    """
+    from app.toy.generator import first_wrong_chars
+
+    if fmt.name != "qwen":
+        raise ConfigError("token_labels: only the qwen format (ponder's own PRM) has a label head at every token")
+    try:
+        wrong = first_wrong_chars(question, steps)
+    except (ValueError, AttributeError) as e:
+        raise ConfigError(f"token_labels: the toy checker cannot read {question!r} ({e}); set token_labels: 0 "
+                          "for data that is not from the toy world") from None
+    text = fmt.render(question, steps)
+    tok = fmt.tokenizer(text, return_offsets_mapping=True, add_special_tokens=not fmt.use_chat)
+    if tuple(tok["input_ids"]) != tuple(enc.input_ids):
+        raise ConfigError("token_labels: the tokenizer's offsets do not match the PRM's encoding")
+    tag_starts, at = [], len(text)
+    for _ in steps:  # each stripped step sits right before its tag: find the last len(steps) tags
+        at = text.rindex(fmt.STEP_TAG, 0, at)
+        tag_starts.insert(0, at)
+    spans = [(t - len(fmt.strip(step)), t) for t, step in zip(tag_starts, steps)]
+    positions, labels = [], []
+    tags = set(enc.positions)
+    for k, (a, b) in enumerate(tok["offset_mapping"]):
+        if k in tags:
+            continue
+        for (lo, hi), w in zip(spans, wrong):
+            if lo <= a and b <= hi and b > a:
+                positions.append(k)
+                labels.append(1.0 if w is None or b <= lo + w else 0.0)
+                break
+    return positions, labels
 
 
 def step_auc(scores: list[list[float]], examples: list[dict]) -> dict:

@@ -352,3 +352,47 @@ def exact_step_labels(question: str, steps: Sequence[str]) -> list[int]:
                 ok = False
         out.append(int(ok))
     return out
+
+
+def right_steps(terms: Sequence[tuple[int, int]]) -> list[str]:
+    """Every right next step from `terms`, as the training solutions write it (the answer step when one is left)."""
+    terms = list(terms)
+    if len(terms) == 1:
+        return [f"The answer is \\boxed{{{terms[0][1]}}}."]
+    out = []
+    for i, j in moves(terms):
+        text, new = apply_move(terms, i, j)
+        out.append(f"{text}." if len(new) == 1 else f"{render_bracket(terms, i)} = {render(new)}.")
+    return out
+
+
+def first_wrong_chars(question: str, steps: Sequence[str]) -> list[int | None]:
+    """Where each step stops being right, for the PRM's per-token labels: None for a right step; for the first
+    wrong step the index of its first character that no right step continues (the slip: a miscopied term, a
+    wrong sum); 0 for every step after it. Right and wrong are `exact_step_labels`' verdicts, so a step that is
+    right in value but laid out differently from `right_steps` stays right.
+    """
+    exact = exact_step_labels(question, steps)
+    terms = parse_expression(re.fullmatch(r"What is (.*)\?", question.strip()).group(1))
+    gold = evaluate(terms)
+    out: list[int | None] = []
+    for step, ok in zip(steps, exact):
+        s = step.strip()
+        if out and out[-1] is not None:
+            out.append(0)
+        elif ok:
+            out.append(None)
+            br, st = _BRACKET.match(s), _STEP.match(s)
+            left = br.group(2) if br else st.group(5) if st else None
+            terms = parse_expression(left) if left else [(1, gold)]
+        else:
+            lead = len(step) - len(step.lstrip())
+            out.append(lead + max(_common_prefix(s, r) for r in right_steps(terms)))
+    return out
+
+
+def _common_prefix(a: str, b: str) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
