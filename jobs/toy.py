@@ -85,8 +85,6 @@ class ToyPRM(BaseConfig):
     labels: str = Field("soft", pattern="^(soft|hard)$", description="which MC labels (data=mc)")
     init_from_policy: bool = True
     extra_layers: int = Field(0, ge=0, description="with init_from_policy: identity-initialised layers on top")
-    token_labels: float = Field(0.0, ge=0, description="weight of the per-token checker labels (train.prm): 0 "
-                                "trains on the step tags alone")
     size: str = "tiny"
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(name="toy-prm", lr=1e-3, micro_batch_size=32))
 
@@ -227,7 +225,6 @@ def build(cfg: ToyConfig, out: Path) -> dict:
     prm_cfg = PRMTrainConfig(format="qwen", model=f"new:toy-{p.size}", init_from=str(policy) if p.init_from_policy else None,
                              extra_layers=p.extra_layers if p.init_from_policy else 0,
                              data=str(prm_data), eval_data=str(held_mc), labels=p.labels if p.data == "mc" else "hard",
-                             token_labels=p.token_labels,
                              output=str(out / "prm"),
                              train=prm_train)
     result, prm = train_prm(prm_cfg)

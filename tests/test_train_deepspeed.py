@@ -1,4 +1,5 @@
-"""Ray Train + DeepSpeed on CPU: 2 workers, ZeRO-2, gloo. Loss decreases; a second fit resumes the checkpoint."""
+"""Ray Train + DeepSpeed on CPU: 2 workers, ZeRO-2, gloo. Loss decreases; a second fit resumes the checkpoint;
+the PRM trainer's per-token labels reach the loss."""
 from __future__ import annotations
 
 import json
@@ -76,3 +77,49 @@ def test_two_workers_zero2_loss_decreases_and_resumes(ray_cluster, tmp_path):
     assert result3.metrics["global_step"] == result2.metrics["global_step"]
     assert sorted(p.name for p in run_dir.iterdir() if p.name.startswith("step_")) == before  # nothing trained
     assert (path3 / "model.safetensors").exists()
+
+
+def test_prm_token_labels_train_under_deepspeed(ray_cluster, tmp_path):
+    """The per-token labels reach the loss under Ray Train + DeepSpeed: a few epochs from the shipped PRM (whose
+    head was only ever trained at step tags) open a gap between its scores of the tokens before and after a slip."""
+    import torch
+
+    from actors.prm_model import Qwen2ForProcessRewardModel
+    from app.search.tree import split_steps
+    from app.toy import resolve_model
+    from app.toy.generator import exact_step_labels, toy_problems
+    from train.prm import PRMTask, PRMTrainConfig, train
+
+    records = []
+    for p in toy_problems("train", n_per_level=16, levels=[2, 3], seed=5):
+        steps = split_steps(p.solution)
+        head, tail = steps[0].rsplit(" = ", 1)
+        first = tail.split(" ")[0]
+        slipped = [f"{head} = {tail.replace(first, str(int(first) + 1), 1)}"] + steps[1:]
+        for s in (steps, slipped):
+            records.append({"question": p.question, "steps": s, "hard": exact_step_labels(p.question, s)})
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    run = TrainConfig(num_workers=2, zero_stage=2, micro_batch_size=8, lr=2e-3, warmup_steps=2, epochs=12,
+                      name="tl-test", storage_path=str(tmp_path / "ray"), progress=False)
+    cfg = PRMTrainConfig(model="toy:prm", data=str(data), labels="hard", token_labels=1.0,
+                         output=str(tmp_path / "prm"), train=run)
+    _, path = train(cfg)
+
+    task = PRMTask(cfg)
+    tok = task.build_tokenizer()
+    examples, _ = task.encode_records(records, tok)
+    batch = task.collate(examples, tok)
+    labels = batch["token_labels"]
+    assert (labels == 0).sum() > 1000 and (labels == 1).sum() > 1000
+
+    def gap(model_path) -> float:
+        """Mean P(good) on tokens before a slip minus after it."""
+        model = Qwen2ForProcessRewardModel.from_pretrained(str(model_path), dtype=torch.float32).eval()
+        with torch.no_grad():
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        good = logits.softmax(-1)[..., 1]
+        return (good[labels == 1].mean() - good[labels == 0].mean()).item()
+
+    before, after = gap(resolve_model("toy:prm")), gap(path)
+    assert after > before + 0.1, (before, after)  # measured: 0.02 -> 0.16; trained on the tags alone, -0.003
