@@ -32,7 +32,8 @@ def init_ray(num_cpus: int | None = None, **kwargs) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], **kwargs)
     else:
-        kwargs.setdefault("include_dashboard", False)
+        # Ray's default starts the dashboard: Ray Train's PlacementGroupCleaner asks its State API whether the
+        # controller is alive, and without it logs a warning every second of every training run.
         ray.init(num_cpus=num_cpus or max(2, os.cpu_count() or 2), **kwargs)
 
 

@@ -65,6 +65,22 @@ def test_token_labels_mark_the_slip_and_everything_after_it():
         task.encode_records([dict(RECORD, question="Compute 1 + 2 + 3.")], tok)
 
 
+def test_token_labels_bad_input_fails_before_ray(tmp_path):
+    import json
+
+    from app.config import ConfigError
+    from train.prm import check
+
+    with pytest.raises(ValueError, match="token_labels: only format qwen"):
+        PRMTrainConfig(data="unused.jsonl", format="math-shepherd", model="x", token_labels=1.0)
+    data = tmp_path / "gsm8k.jsonl"
+    data.write_text(json.dumps(dict(RECORD, question="Natalia sold clips to 48 of her friends...")) + "\n")
+    with pytest.raises(ConfigError, match="not toy data"):
+        check(PRMTrainConfig(data=str(data), model="toy:prm", token_labels=1.0))
+    data.write_text(json.dumps(RECORD) + "\n")
+    check(PRMTrainConfig(data=str(data), model="toy:prm", token_labels=1.0))
+
+
 def test_math_shepherd_loss_reads_the_tag_position():
     from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -32,7 +32,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal, Sequence
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from app.config import Config, ConfigError
 from train.common import TrainConfig, TrainTask, fit_and_export
@@ -57,6 +57,13 @@ class PRMTrainConfig(Config):
     output: str | None = None
     save_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(name="prm", lr=1e-3, micro_batch_size=32))
+
+    @model_validator(mode="after")
+    def _token_labels_need_a_label_head(self):
+        if self.token_labels > 0 and self.format != "qwen":
+            raise ValueError(f"token_labels: only format qwen has a label head at every token (got {self.format}); "
+                             "set token_labels: 0")
+        return self
 
 
 def auc(scores: Sequence[float], labels: Sequence[int]) -> float:
@@ -336,6 +343,16 @@ def check(cfg: PRMTrainConfig) -> None:
     for p in (cfg.data, cfg.eval_data):
         if p and not Path(p).is_file():
             raise FileNotFoundError(f"prm data not found: {p}")
+    if cfg.token_labels > 0:
+        from app.toy.generator import exact_step_labels
+
+        first = next(iter(read_jsonl(cfg.data)), None)
+        try:
+            if first is not None:
+                exact_step_labels(first["question"], first["steps"])
+        except ValueError:
+            raise ConfigError(f"token_labels: the toy checker labels the tokens, and {cfg.data} is not toy data "
+                              f"({first['question']!r}); set token_labels: 0") from None
     from actors.pool import check_model
 
     for m in (cfg.init_from, None if cfg.model.startswith("new:toy-") else cfg.model):

@@ -99,7 +99,7 @@ def run(args) -> tuple[list[dict], dict]:
     from app.grading import grade_batch, grade_stats, reset_grade_stats
     from jobs.common import init_ray
 
-    init_ray()
+    init_ray(include_dashboard=False)  # nothing else on the cores being measured
     _warm_workers(2)
     rows, figures = [], {}
     total_checks = total_timeouts = 0

@@ -184,7 +184,8 @@ def run(args) -> tuple[list[dict], dict]:
     policy_cfg, prm_cfg = pool_configs(cfg)
     need = 2 * policy_cfg.num_cpus + (prm_cfg.num_cpus if prm_cfg is not None else 0) + 1
     started_ray = not ray.is_initialized()
-    init_ray(args.num_cpus or max(os.cpu_count() or 2, math.ceil(need)))
+    # no dashboard: its periodic work would share the 2 cores with what is being measured
+    init_ray(args.num_cpus or max(os.cpu_count() or 2, math.ceil(need)), include_dashboard=False)
     tokenizer = load_tokenizer(cfg)
     prompts = [make_prompt(p, cfg, tokenizer) for p in problems]
     rows: list[dict] = []
