@@ -287,11 +287,9 @@ def token_labels(fmt, question: str, steps: Sequence[str], enc) -> tuple[list[in
     """
     from app.toy.generator import first_wrong_chars
 
-    if fmt.name != "qwen":
-        raise ConfigError("token_labels: only the qwen format (ponder's own PRM) has a label head at every token")
     try:
         wrong = first_wrong_chars(question, steps)
-    except (ValueError, AttributeError) as e:
+    except ValueError as e:
         raise ConfigError(f"token_labels: the toy checker cannot read {question!r} ({e}); set token_labels: 0 "
                           "for data that is not from the toy world") from None
     text = fmt.render(question, steps)
@@ -344,12 +342,12 @@ def check(cfg: PRMTrainConfig) -> None:
         if p and not Path(p).is_file():
             raise FileNotFoundError(f"prm data not found: {p}")
     if cfg.token_labels > 0:
-        from app.toy.generator import exact_step_labels
+        from app.toy.generator import question_terms
 
         first = next(iter(read_jsonl(cfg.data)), None)
         try:
             if first is not None:
-                exact_step_labels(first["question"], first["steps"])
+                question_terms(first["question"])
         except ValueError:
             raise ConfigError(f"token_labels: the toy checker labels the tokens, and {cfg.data} is not toy data "
                               f"({first['question']!r}); set token_labels: 0") from None

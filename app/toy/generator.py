@@ -40,6 +40,7 @@ from the seed. Sources `toy:train` / `toy:test` (`load_toy`, `toy_problems`) giv
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import random
 from dataclasses import dataclass
@@ -308,6 +309,15 @@ def parse_expression(text: str) -> Terms | None:
     return terms
 
 
+def question_terms(question: str) -> Terms:
+    """The terms of a toy question (`question_of`'s inverse); ValueError for anything else."""
+    m = re.fullmatch(r"What is (.*)\?", question.strip())
+    terms = parse_expression(m.group(1)) if m else None
+    if terms is None:
+        raise ValueError(f"not a toy question: {question!r}")
+    return terms
+
+
 def exact_step_labels(question: str, steps: Sequence[str]) -> list[int]:
     """The true correctness of each step prefix of a toy solution (1 while every step so far is right).
 
@@ -317,10 +327,7 @@ def exact_step_labels(question: str, steps: Sequence[str]) -> list[int]:
     (`mc_labels` with k=0: the limit of Monte-Carlo hard labels, since a slip is never undone), and the truth its
     step AUC is reported against.
     """
-    m = re.fullmatch(r"What is (.*)\?", question.strip())
-    terms = parse_expression(m.group(1)) if m else None
-    if terms is None:
-        raise ValueError(f"not a toy question: {question!r}")
+    terms = question_terms(question)
     gold = evaluate(terms)
     n_terms = len(terms)
     ok, out = True, []
@@ -373,7 +380,7 @@ def first_wrong_chars(question: str, steps: Sequence[str]) -> list[int | None]:
     right in value but laid out differently from `right_steps` stays right.
     """
     exact = exact_step_labels(question, steps)
-    terms = parse_expression(re.fullmatch(r"What is (.*)\?", question.strip()).group(1))
+    terms = question_terms(question)
     gold = evaluate(terms)
     out: list[int | None] = []
     for step, ok in zip(steps, exact):
@@ -387,12 +394,5 @@ def first_wrong_chars(question: str, steps: Sequence[str]) -> list[int | None]:
             terms = parse_expression(left) if left else [(1, gold)]
         else:
             lead = len(step) - len(step.lstrip())
-            out.append(lead + max(_common_prefix(s, r) for r in right_steps(terms)))
+            out.append(lead + max(len(os.path.commonprefix([s, r])) for r in right_steps(terms)))
     return out
-
-
-def _common_prefix(a: str, b: str) -> int:
-    n = 0
-    while n < min(len(a), len(b)) and a[n] == b[n]:
-        n += 1
-    return n
