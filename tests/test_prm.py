@@ -398,3 +398,23 @@ def test_prefix_cache_scores_extended_paths_as_a_fresh_pass(fmt_name, qwen_prm, 
     if fmt_name == "qwen":
         assert cached.prefix_cache.hits >= len(steps) - 1
     assert len(plain.prefix_cache) == 0
+
+
+# ---------------------------------------------------------------------------------------------------- toy checker
+
+
+def test_toy_checker_scores_steps_by_the_checker_and_refuses_other_questions():
+    from actors.prm import PRMInputError, PRMPoolConfig, validate_prm_config
+
+    actor = PRMActor("ignored", format="toy-checker")
+    q = "What is 7 + 5 - 2?"
+    right = ["(7 + 5) - 2 = 12 - 2.\n\n", "12 - 2 = 10.\n\n", "The answer is \\boxed{10}."]
+    slip = ["(7 + 5) - 2 = 13 - 2.\n\n", "13 - 2 = 11.\n\n", "The answer is \\boxed{11}."]
+    r = asyncio.run(actor.score(q, [right, slip, slip[:1], []]))
+    assert r.scores == [[1.0, 1.0, 1.0], [0.0, 0.0, 0.0], [0.0], []]
+    assert r.tokens == 0 and actor.num_parameters == 0
+    late = right[:2] + ["The answer is \\boxed{12}."]
+    assert asyncio.run(actor.score(q, [late])).scores == [[1.0, 1.0, 0.0]]
+    with pytest.raises(PRMInputError, match="not a toy question"):
+        asyncio.run(actor.score("Solve x^2 = 4.", [right]))
+    validate_prm_config(PRMPoolConfig(format="toy-checker", model="no/such/model"))  # no model to check

@@ -120,6 +120,9 @@ def test_config_errors_are_one_line(tmp_path, capsys):
     recipe, _ = write_recipe(tmp_path, "rebase", {"n": 16})
     assert job.main(["--config", str(recipe)]) == 2
     assert "unknown key 'search.n' for method rebase" in capsys.readouterr().err
+    assert job.main(["--config", "toy/beam_search", "prm.format=toy-checker", f"data.source={recipe}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "prm.format: toy-checker judges toy questions only" in err
 
 
 def test_bench_search_target_with_scripted_pools(ray_cluster, tmp_path, scripted_pools, monkeypatch, capsys):
@@ -143,3 +146,5 @@ def test_search_config_defaults_and_method_sections():
     assert cfg.search.num_subtrees == 8 and cfg.prm["format"] == "qwen" and cfg.prompt.template == "toy"
     assert job.identity(cfg)["search"]["n"] == 32
     assert "limit" not in job.identity(cfg)["data"]  # a run may grow or be sharded into the same directory
+    checker = load_config(job.Config, "toy/dvts", ["search.n=32", "prm.format=toy-checker"])
+    assert job.identity(checker)["prm_model"] == "toy-checker" != job.identity(cfg)["prm_model"]
