@@ -5,6 +5,7 @@ from deep inside Ray. Config classes subclass `Config` (unknown keys are errors,
 """
 from __future__ import annotations
 
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Sequence, TypeVar
 
@@ -25,6 +26,10 @@ class Config(BaseModel):
 
 
 C = TypeVar("C", bound=Config)
+
+# True while a recipe is validated: a section that makes its own one-line errors on direct construction
+# (PoolConfig) leaves them to the recipe's loader, which names the file and the whole key.
+IN_RECIPE: ContextVar[bool] = ContextVar("in_recipe", default=False)
 
 
 def resolve_recipe(recipe: str | Path) -> Path:
@@ -66,7 +71,7 @@ def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
     return data
 
 
-def _format_error(err: ValidationError, source: str) -> str:
+def format_error(err: ValidationError, source: str) -> str:
     first = err.errors()[0]
     loc = ".".join(str(x) for x in first["loc"]) or "<root>"
     if first["type"] == "extra_forbidden":
@@ -76,14 +81,17 @@ def _format_error(err: ValidationError, source: str) -> str:
     got = first.get("input")
     got_s = f" (got {got!r})" if got is not None and not isinstance(got, dict) else ""
     more = f" [+{len(err.errors()) - 1} more]" if len(err.errors()) > 1 else ""
-    return f"{source}: key '{loc}': {first['msg']}{got_s}{more}"
+    return f"{source}: key '{loc}': {first['msg'].removeprefix('Value error, ')}{got_s}{more}"
 
 
 def build_config(cls: type[C], data: dict, source: str = "<config>") -> C:
+    token = IN_RECIPE.set(True)
     try:
         return cls.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(_format_error(e, source)) from None
+        raise ConfigError(format_error(e, source)) from None
+    finally:
+        IN_RECIPE.reset(token)
 
 
 def read_recipe(recipe: str | Path) -> tuple[dict, Path]:

@@ -42,7 +42,7 @@ from pydantic import Field
 from app.config import Config as BaseConfig
 from app.config import ConfigError, apply_overrides, build_config, dump_config, read_recipe
 from jobs.common import init_ray, user_errors
-from train.common import TrainConfig
+from train.loop import TrainConfig
 
 DEFAULT_RECIPE = "toy/world"
 
@@ -144,7 +144,7 @@ def _hash(obj) -> str:
 
 def _pool(model: str, replicas: int, max_batch: int):
     from actors.policy import start_policy_pool
-    from actors.pool import PoolConfig
+    from app.pool_config import PoolConfig
 
     return start_policy_pool(PoolConfig(engine="hf", model=model, replicas=replicas, num_cpus=1, max_batch=max_batch,
                                         gather_ms=20.0))
@@ -291,7 +291,7 @@ def choice_accuracy(groups: Sequence[Sequence[tuple[float, int]]]) -> tuple[floa
 def _prefix_prompts(problem) -> list[tuple[str, list[str]]]:
     """(prompt, right steps so far) for every right prefix of the problem's solution, the empty one included."""
     from app.search.tree import split_steps
-    from app.toy.generator import toy_prompt
+    from app.toy.world import toy_prompt
 
     steps = split_steps(problem.solution)
     return [(toy_prompt(problem) + "".join(steps[:k]), steps[:k]) for k in range(len(steps))]
@@ -301,11 +301,12 @@ def evaluate(cfg: ToyConfig, models: Path, progress: bool = True) -> dict:
     import ray
     from tqdm import tqdm
 
-    from actors.engines.engine import GenerationRequest
+    from app.contracts import GenerationRequest
     from actors.prm import HFPRMEngine, load_tokenizer, make_format
     from app.grading import extract_answer
     from app.search.tree import split_steps
-    from app.toy.generator import exact_step_labels, toy_problems, toy_prompt
+    from app.toy.checker import exact_step_labels
+    from app.toy.world import toy_problems, toy_prompt
     from train.prm import auc
     from train.sft import read_jsonl
     from train.synthesize.mc_labels import is_correct

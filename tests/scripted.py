@@ -17,7 +17,7 @@ import re
 from collections import defaultdict
 from typing import Callable, Sequence
 
-from actors.engines.engine import Completion, GenerationRequest, Usage, apply_stop
+from app.contracts import Completion, GenerationRequest, Usage, apply_stop
 
 Cand = str | tuple[str, float]
 

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from actors.engines.engine import Completion, GenerationRequest as R
+from app.contracts import Completion, GenerationRequest as R
 
 ENGINES = ["hf", pytest.param("vllm", marks=pytest.mark.vllm)]
 PROMPTS = ["12+35=", "Q: 7*8?\nA:", "hello world", "x", "(3+4)*2 ="]
@@ -209,7 +209,7 @@ def test_vllm_missing_gives_one_clear_line(monkeypatch, tiny_policy):
 
 def test_vllm_missing_pool_config_error(monkeypatch, tiny_policy):
     import actors.policy as policy
-    from actors.pool import PoolConfig
+    from app.pool_config import PoolConfig
     from app.config import ConfigError
 
     monkeypatch.setattr(policy, "vllm_available", lambda: False)

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from app import grading
+from app.grading import verify as grading
 from app.grading import (
     answers_equivalent,
     extract_answer,

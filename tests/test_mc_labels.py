@@ -7,9 +7,10 @@ import sys
 
 import pytest
 
-from actors.engines.engine import Completion, Usage
+from app.contracts import Completion, Usage
 from app.search.tree import split_steps
-from app.toy.generator import exact_step_labels, parse_expression, solve, toy_problems
+from app.toy.checker import exact_step_labels, parse_expression
+from app.toy.world import solve, toy_problems
 from train.synthesize.mc_labels import MCLabelConfig, label_problem, read_done, run
 
 K = 4

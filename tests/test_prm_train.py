@@ -22,7 +22,7 @@ def test_auc():
 
 
 def test_qwen_layout_matches_the_prm_actor():
-    from actors.prm import QwenPRMFormat
+    from actors.prm_formats import QwenPRMFormat
     from app.toy.tokenizer import build_tokenizer
 
     tok = build_tokenizer()
@@ -42,7 +42,7 @@ def test_qwen_layout_matches_the_prm_actor():
 
 
 def test_token_labels_mark_the_slip_and_everything_after_it():
-    from actors.prm_model import Qwen2ForProcessRewardModel
+    from actors.engines.qwen2_prm import Qwen2ForProcessRewardModel
     from app.toy.models import prm_config
     from app.toy.tokenizer import build_tokenizer
 
@@ -84,7 +84,7 @@ def test_token_labels_bad_input_fails_before_ray(tmp_path):
 def test_math_shepherd_loss_reads_the_tag_position():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from actors.prm import MathShepherdFormat
+    from actors.prm_formats import MathShepherdFormat
     from app.toy.tokenizer import build_tokenizer
 
     tok = build_tokenizer()
@@ -132,7 +132,7 @@ def test_prm_from_policy_with_extra_layers_starts_as_the_policy_body():
     from transformers import AutoModelForCausalLM
 
     from app.toy import resolve_model
-    from actors.engines.hf import load_tokenizer
+    from actors.engines.base import load_tokenizer
     from train.prm import prm_from_causal_lm
 
     path = resolve_model("toy:policy")

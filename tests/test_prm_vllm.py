@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import pytest
 
-from actors.prm import HFPRMEngine, PRMActor, QwenPRMFormat, load_tokenizer
+from actors.engines.base import load_tokenizer
+from actors.engines.hf_prm import HFPRMEngine
+from actors.prm import PRMActor
+from actors.prm_formats import QwenPRMFormat
 from tests.test_prm import Q, TRAJ, sharpen_prm
 from tests.tiny_models import make_tiny_prm
 

@@ -6,13 +6,13 @@ import json
 import pytest
 
 from app.config import ConfigError
+from app.datasets import load_problems
 from app.problems import (
     LLAMA_COT_SYSTEM_PROMPT,
     QWEN_MATH_SYSTEM_PROMPT,
     Problem,
     ProblemFormatError,
     build_prompt,
-    load_problems,
 )
 
 MATH_ROWS = [

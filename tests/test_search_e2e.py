@@ -85,7 +85,7 @@ def test_beam_search_through_vllm_policy_and_prm_actors(ray_cluster, tmp_path):
 def test_beam_search_with_the_toy_checker_as_verifier(ray_cluster, tmp_path):
     """The oracle verifier through a real PRM actor: every score is the checker's label, no PRM tokens are read,
     and weighted selection finds the right answer whenever one beam is right at every step."""
-    from app.toy.generator import exact_step_labels
+    from app.toy.checker import exact_step_labels
 
     rc, report, records = run_job("beam_search", tmp_path / "checker", "prm.format=toy-checker")
     assert rc == 0, report

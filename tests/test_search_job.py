@@ -11,6 +11,7 @@ import json
 import pytest
 
 import jobs.search as job
+from actors.pools import Pools
 from jobs import report
 from tests.scripted import ScriptedPolicy, ScriptedPool, ScriptedPRM
 
@@ -34,7 +35,7 @@ def scripted_pools(monkeypatch):
         started.append(1)
         policy = ScriptedPool(functools.partial(ScriptedPolicy, world, marker="Answer:\n\n"))
         prm = ScriptedPool(functools.partial(ScriptedPRM, world_prm))
-        return policy, prm
+        return Pools(policy, prm)
 
     monkeypatch.setattr(job, "start_pools", start_pools)
     monkeypatch.setattr(job, "pool_configs", lambda cfg: (None, None))
@@ -126,7 +127,7 @@ def test_config_errors_are_one_line(tmp_path, capsys):
 
 
 def test_bench_search_target_with_scripted_pools(ray_cluster, tmp_path, scripted_pools, monkeypatch, capsys):
-    from actors.pool import PoolConfig
+    from app.pool_config import PoolConfig
     from jobs.bench import main as bench_main
 
     monkeypatch.setattr(job, "pool_configs", lambda cfg: (PoolConfig(model="toy:policy"), None))
@@ -143,8 +144,8 @@ def test_search_config_defaults_and_method_sections():
     cfg = load_config(job.Config, None)
     assert cfg.method == "best_of_n" and cfg.search.n == 4 and cfg.search.needs_prm
     cfg = load_config(job.Config, "toy/dvts", ["search.n=32"])
-    assert cfg.search.num_subtrees == 8 and cfg.prm["format"] == "qwen" and cfg.prompt.template == "toy"
-    assert job.identity(cfg)["search"]["n"] == 32
-    assert "limit" not in job.identity(cfg)["data"]  # a run may grow or be sharded into the same directory
+    assert cfg.search.num_subtrees == 8 and cfg.prm.format == "qwen" and cfg.prompt.template == "toy"
+    assert cfg.identity()["search"]["n"] == 32
+    assert "limit" not in cfg.identity()["data"]  # a run may grow or be sharded into the same directory
     checker = load_config(job.Config, "toy/dvts", ["search.n=32", "prm.format=toy-checker"])
-    assert job.identity(checker)["prm_model"] == "toy-checker" != job.identity(cfg)["prm_model"]
+    assert checker.identity()["prm_model"] == "toy-checker" != cfg.identity()["prm_model"]

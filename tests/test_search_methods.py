@@ -13,7 +13,7 @@ from app.search.beam_search import BeamSearchConfig
 from app.search.best_of_n import BestOfNConfig
 from app.search.dvts import DVTSConfig
 from app.search.mcts import MCTSConfig
-from app.search.methods import METHODS, get_method, method_config
+from app.search.registry import METHODS, get_method, method_config
 from app.search.rebase import RebaseConfig, allocate
 from app.search.results import (
     ResultsWriter,
@@ -23,7 +23,7 @@ from app.search.results import (
     summarize,
     write_run_config,
 )
-from app.search.run import solve_problem
+from app.search.record import solve_problem
 from app.search.tree import Node, Step
 from tests.scripted import ScriptedPolicy, ScriptedPRM, simple_extract, simple_grade
 

@@ -38,7 +38,7 @@ def test_build_quick_end_to_end(ray_cluster, tmp_path, capsys):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from actors.prm_model import Qwen2ForProcessRewardModel
+    from actors.engines.qwen2_prm import Qwen2ForProcessRewardModel
 
     assert AutoModelForCausalLM.from_pretrained(out / "policy").dtype == torch.float32
     assert Qwen2ForProcessRewardModel.from_pretrained(out / "prm").dtype == torch.float32

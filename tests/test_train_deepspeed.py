@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from train.common import TrainConfig, deepspeed_config, epoch_batches
+from train.loop import TrainConfig, deepspeed_config, epoch_batches
 
 
 def test_deepspeed_config_from_recipe():
@@ -84,10 +84,11 @@ def test_prm_token_labels_train_under_deepspeed(ray_cluster, tmp_path):
     head was only ever trained at step tags) open a gap between its scores of the tokens before and after a slip."""
     import torch
 
-    from actors.prm_model import Qwen2ForProcessRewardModel
+    from actors.engines.qwen2_prm import Qwen2ForProcessRewardModel
     from app.search.tree import split_steps
     from app.toy import resolve_model
-    from app.toy.generator import exact_step_labels, toy_problems
+    from app.toy.checker import exact_step_labels
+    from app.toy.world import toy_problems
     from train.prm import PRMTask, PRMTrainConfig, train
 
     records = []

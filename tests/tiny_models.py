@@ -25,7 +25,7 @@ def make_tiny_policy(path: str | Path, seed: int = 0, size: str = "tiny") -> Pat
 def make_tiny_prm(path: str | Path, seed: int = 0, size: str = "tiny") -> Path:
     import torch
 
-    from actors.prm_model import Qwen2ForProcessRewardModel
+    from actors.engines.qwen2_prm import Qwen2ForProcessRewardModel
     from app.toy.models import prm_config
     from app.toy.tokenizer import build_tokenizer
 

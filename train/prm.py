@@ -3,7 +3,7 @@
 Two formats, each laid out exactly as `actors.prm` lays it out at inference (the same format classes encode
 the training text, so training and scoring can never drift apart):
 
-- `qwen` (ponder's own PRM, the Qwen2.5-Math-PRM layout): `actors.prm_model.Qwen2ForProcessRewardModel`, a
+- `qwen` (ponder's own PRM, the Qwen2.5-Math-PRM layout): `actors.engines.qwen2_prm.Qwen2ForProcessRewardModel`, a
   two-label head read at each `<extra_0>` step tag; the label p of a step (soft: the fraction of completions
   that reached the right answer; hard: 1 if any did) is trained with cross-entropy against (1 - p, p)
   (`soft_label_loss`). The model is new (`new:toy-SIZE`), an existing PRM checkpoint, or - with `init_from` -
@@ -19,7 +19,7 @@ step delimiter but the last), `soft` and `hard` (one label per step). Records wh
 
 `token_labels` (qwen, toy questions only) adds a second loss, with that weight, on every token inside a step:
 1 while the text can still become a right step, 0 from the character where the toy checker finds the slip
-(`app.toy.generator.first_wrong_chars`). Measured on held-out sibling steps (a right and a wrong continuation of
+(`app.toy.checker.first_wrong_chars`). Measured on held-out sibling steps (a right and a wrong continuation of
 one prefix), two epochs of it on the shipped PRM's data, from the shipped PRM, lift the share of pairs it orders
 right from 0.77 to 0.82; three epochs from the policy's body end at 0.77, as tags alone do. Beam search's accuracy
 on a validation set did not move with it (see the README's toy section), so the shipped build does not use it.
@@ -35,7 +35,7 @@ from typing import Literal, Sequence
 from pydantic import Field, model_validator
 
 from app.config import Config, ConfigError
-from train.common import TrainConfig, TrainTask, fit_and_export
+from train.loop import TrainConfig, TrainTask, fit_and_export
 from train.sft import read_jsonl
 
 
@@ -98,7 +98,7 @@ class PRMTask(TrainTask):
         return _tokenizer(self.cfg.init_from or self.cfg.model)
 
     def fmt(self, tokenizer):
-        from actors.prm import make_format
+        from actors.prm_formats import make_format
 
         return make_format(self.cfg.format, tokenizer, self.cfg.step_delimiter)
 
@@ -118,7 +118,7 @@ class PRMTask(TrainTask):
             if model.get_input_embeddings().num_embeddings < len(tok):
                 model.resize_token_embeddings(len(tok))
             return model
-        from actors.prm_model import Qwen2ForProcessRewardModel
+        from actors.engines.qwen2_prm import Qwen2ForProcessRewardModel
 
         if cfg.init_from:
             return prm_from_causal_lm(resolve_model(cfg.init_from), self.build_tokenizer(), cfg.extra_layers)
@@ -129,7 +129,7 @@ class PRMTask(TrainTask):
         return Qwen2ForProcessRewardModel.from_pretrained(resolve_model(cfg.model), dtype=torch.float32)
 
     def encode_records(self, records: list[dict], tokenizer) -> tuple[list[dict], int]:
-        from actors.prm import PRMInputError
+        from actors.prm_formats import PRMInputError
 
         fmt = self.fmt(tokenizer)
         key = self.cfg.labels
@@ -184,7 +184,7 @@ class PRMTask(TrainTask):
 
     def loss(self, model, batch):
         if self.cfg.format == "qwen":
-            from actors.prm_model import soft_label_loss
+            from actors.engines.qwen2_prm import soft_label_loss
 
             tokens = batch.pop("token_labels", None)
             out = model(**batch)
@@ -240,7 +240,7 @@ def prm_from_causal_lm(path: str, tokenizer, extra_layers: int = 0):
     from safetensors.torch import load_file
     from transformers import AutoConfig, Qwen2Config
 
-    from actors.prm_model import Qwen2ForProcessRewardModel
+    from actors.engines.qwen2_prm import Qwen2ForProcessRewardModel
 
     src = AutoConfig.from_pretrained(path)
     if src.model_type not in ("qwen2", "llama"):
@@ -278,14 +278,14 @@ def prm_from_causal_lm(path: str, tokenizer, extra_layers: int = 0):
 
 
 def token_labels(fmt, question: str, steps: Sequence[str], enc) -> tuple[list[int], list[float]]:
-    """Positions and labels of every token inside a step (`app.toy.generator.first_wrong_chars`).
+    """Positions and labels of every token inside a step (`app.toy.checker.first_wrong_chars`).
 
     Why: a step's tag alone tells the PRM that a step went wrong, not where. Beam search asks it to tell apart
     sibling steps that differ in one digit, and the policy's own likelihood does that far better (it compares
     each written token with its prediction). Labelling each token teaches the PRM that comparison at the token
     where the slip is, and the tag reads it from there.
     """
-    from app.toy.generator import first_wrong_chars
+    from app.toy.checker import first_wrong_chars
 
     try:
         wrong = first_wrong_chars(question, steps)
@@ -342,7 +342,7 @@ def check(cfg: PRMTrainConfig) -> None:
         if p and not Path(p).is_file():
             raise FileNotFoundError(f"prm data not found: {p}")
     if cfg.token_labels > 0:
-        from app.toy.generator import question_terms
+        from app.toy.checker import question_terms
 
         first = next(iter(read_jsonl(cfg.data)), None)
         try:
@@ -351,7 +351,7 @@ def check(cfg: PRMTrainConfig) -> None:
         except ValueError:
             raise ConfigError(f"token_labels: the toy checker labels the tokens, and {cfg.data} is not toy data "
                               f"({first['question']!r}); set token_labels: 0") from None
-    from actors.pool import check_model
+    from actors.replicas import check_model
 
     for m in (cfg.init_from, None if cfg.model.startswith("new:toy-") else cfg.model):
         if m:
@@ -363,7 +363,7 @@ def train(cfg: PRMTrainConfig):
     check(cfg)
     model_class = None
     if cfg.format == "qwen":
-        from actors.prm_model import Qwen2ForProcessRewardModel
+        from actors.engines.qwen2_prm import Qwen2ForProcessRewardModel
 
         model_class = Qwen2ForProcessRewardModel
     return fit_and_export(PRMTask(cfg), cfg.train, "prm", cfg.output, cfg.save_dtype, model_class)

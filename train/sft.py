@@ -1,7 +1,7 @@
-"""Supervised fine-tuning of a causal LM on prompt/completion pairs, on Ray Train + DeepSpeed (`train.common`).
+"""Supervised fine-tuning of a causal LM on prompt/completion pairs, on Ray Train + DeepSpeed (`train.loop`).
 
 Data: JSONL records `{"prompt": ..., "completion": ...}` (TRL's prompt-completion layout), or `toy:train`, the
-toy world's generated solutions (`app.toy.generator.sft_examples`). Each example is prompt + completion + EOS;
+toy world's generated solutions (`app.toy.world.sft_examples`). Each example is prompt + completion + EOS;
 the loss is on the completion tokens and EOS only (the prompt is masked with -100), as TRL's
 `completion_only_loss`. Examples longer than `max_length` are dropped (cutting them would teach the model to
 stop mid-solution).
@@ -18,7 +18,7 @@ from typing import Literal
 from pydantic import Field
 
 from app.config import Config, ConfigError
-from train.common import TrainConfig, TrainTask, fit_and_export
+from train.loop import TrainConfig, TrainTask, fit_and_export
 
 
 class ToyData(Config):
@@ -49,7 +49,7 @@ def load_tokenizer_for(model: str):
         from app.toy.tokenizer import build_tokenizer
 
         return build_tokenizer()
-    from actors.prm import load_tokenizer
+    from actors.engines.base import load_tokenizer
     from app.toy import resolve_model
 
     return load_tokenizer(resolve_model(model))
@@ -92,7 +92,7 @@ class SFTTask(TrainTask):
 
     def records(self) -> list[dict]:
         if self.cfg.data == "toy:train":
-            from app.toy.generator import sft_examples
+            from app.toy.world import sft_examples
 
             t = self.cfg.toy
             return sft_examples(t.n_per_level, levels=t.levels, seed=t.seed, orders_per_problem=t.orders_per_problem,
@@ -145,7 +145,7 @@ def toy_greedy_accuracy(model, tokenizer, n_per_level: int, levels=(1, 2, 3, 4, 
     import torch
 
     from app.grading import extract_answer
-    from app.toy.generator import toy_problems, toy_prompt
+    from app.toy.world import toy_problems, toy_prompt
 
     probs = toy_problems("test", n_per_level, levels=levels)
     side = tokenizer.padding_side
@@ -170,7 +170,7 @@ def check(cfg: SFTConfig) -> None:
     if cfg.data != "toy:train" and not Path(cfg.data).is_file():
         raise FileNotFoundError(f"sft data not found: {cfg.data}")
     if not cfg.model.startswith("new:toy-"):
-        from actors.pool import check_model
+        from actors.replicas import check_model
 
         check_model(cfg.model)
 

@@ -27,58 +27,9 @@ import os
 import threading
 from typing import Sequence
 
-from actors.engines.engine import Completion, GenerationRequest
+from actors.engines.base import load_tokenizer, torch_dtype
+from app.contracts import Completion, GenerationRequest, apply_stop
 from actors.engines.prefix_cache import PrefixKVCache, batch_from_hits, row_kv
-
-_DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
-           "float16": "float16", "fp16": "float16", "half": "float16"}
-
-
-def match_stop(text: str, stop: Sequence[str]) -> tuple[str, str | None]:
-    """Cut `text` after the stop string that *ends* earliest (ties: the one listed first) -- vLLM's rule, so the
-    two engines report the same `stop_reason` even when two stop strings complete on the same token."""
-    best_end, which = None, None
-    for s in stop:
-        i = text.find(s)
-        if i >= 0 and (best_end is None or i + len(s) < best_end):
-            best_end, which = i + len(s), s
-    return (text, None) if which is None else (text[:best_end], which)
-
-
-def load_tokenizer(path: str, trust_remote_code: bool = False):
-    """The checkpoint's tokenizer, as saved.
-
-    transformers 5's AutoTokenizer replaces a generic `tokenizer.json` tokenizer (tokenizer_class
-    "TokenizersBackend" / "PreTrainedTokenizerFast") of a `qwen2` checkpoint by Qwen2Tokenizer, whose byte-level
-    pre-tokenizer silently drops spaces and newlines of the toy world's character vocabulary ("a b\\n\\nc" ->
-    "abc"). A checkpoint that declares a generic tokenizer is therefore loaded as exactly that.
-    """
-    import json
-    from pathlib import Path
-
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
-
-    folder = Path(path)
-    cfg = folder / "tokenizer_config.json"
-    if cfg.is_file() and (folder / "tokenizer.json").is_file():
-        try:
-            cls = json.loads(cfg.read_text()).get("tokenizer_class")
-        except ValueError:
-            cls = None
-        if cls in ("TokenizersBackend", "PreTrainedTokenizerFast"):
-            return PreTrainedTokenizerFast.from_pretrained(path)
-    return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-
-
-def _torch_dtype(dtype: str):
-    import torch
-
-    if dtype == "auto":
-        return "auto"
-    if dtype not in _DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; one of auto, {', '.join(sorted(set(_DTYPES.values())))}")
-    return getattr(torch, _DTYPES[dtype])
-
 
 class HFEngine:
     """A transformers causal LM behind the `Engine` protocol.
@@ -110,7 +61,7 @@ class HFEngine:
             torch.set_num_threads(num_threads)
         self.tokenizer = load_tokenizer(self.path, trust_remote_code)
         self.model = AutoModelForCausalLM.from_pretrained(
-            self.path, dtype=_torch_dtype(dtype), trust_remote_code=trust_remote_code
+            self.path, dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code
         ).to(self.device)
         self.model.eval()
         self.num_parameters = int(sum(p.numel() for p in self.model.parameters()))
@@ -262,7 +213,7 @@ class HFEngine:
                         finish = "eos"
                     elif r.stop and self._tail_has_stop(generated[b], r.stop):
                         text = self.tokenizer.decode(generated[b], skip_special_tokens=True)
-                        cut, which = match_stop(text, r.stop)
+                        cut, which = apply_stop(text, r.stop)
                         if which is not None:
                             finish, stop_reason, texts[b] = "stop", which, cut
                     if finish is None and len(generated[b]) >= budget[b]:

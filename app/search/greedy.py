@@ -11,8 +11,8 @@ from typing import Literal
 
 from pydantic import Field
 
-from actors.engines.engine import PolicyHandle, RewardHandle
-from app.search.common import SearchConfig, derive_seed, sample, score_paths
+from app.contracts import PolicyHandle, RewardHandle
+from app.search.sampling import SearchConfig, derive_seed, sample, score_paths
 from app.search.tree import Trajectory, split_steps
 
 

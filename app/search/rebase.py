@@ -28,8 +28,8 @@ import math
 
 from pydantic import Field
 
-from actors.engines.engine import PolicyHandle, RewardHandle
-from app.search.common import SearchConfig, contains_any, derive_seed, require_prm, sample, score_paths, step_from
+from app.contracts import PolicyHandle, RewardHandle
+from app.search.sampling import SearchConfig, contains_any, derive_seed, require_prm, sample, score_paths, step_from
 from app.search.tree import Node, Trajectory
 
 

@@ -4,7 +4,7 @@ A *step* is the text the policy produced up to and including the step delimiter 
 text, as in the published recipes). A *node* is a point in a search tree: the step that led to it, its parent,
 its children and the statistics the methods keep (PRM scores, MCTS visit counts and values). A *trajectory* is
 what a method hands back: the steps from the root to a leaf, the PRM's score of each step, whether it finished,
-and (filled in by `app.search.run`) the extracted answer and its correctness.
+and (filled in by `app.search.record`) the extracted answer and its correctness.
 
 Nothing here imports torch, transformers or vllm.
 """
@@ -121,7 +121,7 @@ class Trajectory:
     scores:  one PRM score in [0, 1] per step, or None when the method ran without a PRM.
     finished: it ended at EOS / a final answer (False: cut by the depth cap, the token budget, a dead end).
     group:   DVTS subtree index (selection keeps groups whole), else None.
-    answer, correct: filled in by `app.search.run` (extraction and grading live in app.grading).
+    answer, correct: filled in by `app.search.record` (extraction and grading live in app.grading).
     """
 
     steps: list[str]

@@ -43,7 +43,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 def _model(name: str) -> tuple[str, str]:
     """(path, note). A random tiny toy-shaped model when `toy:policy` is not built."""
-    from actors.pool import check_model
+    from actors.replicas import check_model
     from app.config import ConfigError
 
     try:
@@ -67,7 +67,7 @@ def _model(name: str) -> tuple[str, str]:
 
 def _prompts(k: int) -> list[str]:
     try:
-        from app.toy.generator import toy_problems, toy_prompt
+        from app.toy.world import toy_problems, toy_prompt
 
         problems = toy_problems("test", n_per_level=max(1, -(-k // 5)))
         return [toy_prompt(p) for p in problems][:k]
@@ -76,7 +76,7 @@ def _prompts(k: int) -> list[str]:
 
 
 def _requests(k: int, max_tokens: int, offset: int = 0):
-    from actors.engines.engine import GenerationRequest
+    from app.contracts import GenerationRequest
 
     return [GenerationRequest(p, max_tokens=max_tokens, temperature=1.0, seed=offset + i)
             for i, p in enumerate(_prompts(k))]
@@ -131,7 +131,7 @@ def run(args) -> tuple[list[dict], dict]:
 
     from actors.engines.hf import HFEngine
     from actors.policy import start_policy_pool
-    from actors.pool import PoolConfig
+    from app.pool_config import PoolConfig
 
     path, note = _model(args.model)
     threads = args.threads or args.cpus_per_replica

@@ -40,24 +40,10 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 def _drive(submit_fns: list, window: int) -> tuple[list, float]:
     """Run the thunks (each returns an ObjectRef) with at most `window` in flight; results in order, seconds."""
-    import ray
+    from app.fanout import windowed_map
 
-    results: list = [None] * len(submit_fns)
-    pending: dict = {}
-    it = iter(enumerate(submit_fns))
     t0 = time.perf_counter()
-    while True:
-        while len(pending) < window:
-            nxt = next(it, None)
-            if nxt is None:
-                break
-            i, fn = nxt
-            pending[fn()] = i
-        if not pending:
-            break
-        ready, _ = ray.wait(list(pending), num_returns=1)
-        for ref in ready:
-            results[pending.pop(ref)] = ray.get(ref)
+    results = windowed_map(submit_fns, lambda fn: fn(), window, progress=False)
     return results, time.perf_counter() - t0
 
 
@@ -66,7 +52,7 @@ def _sample_task():
 
     @ray.remote
     def sample(policy_pool, prompt: str, n: int, max_tokens: int, temperature: float, top_p: float, seed: int | None):
-        from actors.engines.engine import GenerationRequest
+        from app.contracts import GenerationRequest
 
         client = policy_pool.client()
         client.generate([GenerationRequest(prompt=prompt, n=n, max_tokens=max_tokens, temperature=temperature,
@@ -77,9 +63,11 @@ def _sample_task():
 
 
 def _search_phase(cfg, problems, prompts, policy_pool, prm_pool, window: int) -> dict:
-    from jobs.search import submit
+    from actors.pools import Pools
+    from app.search.driver import submit
 
-    fns = [(lambda p=p, q=q: submit(p, q, cfg, policy_pool, prm_pool)) for p, q in zip(problems, prompts)]
+    pools = Pools(policy_pool, prm_pool)
+    fns = [(lambda p=p, q=q: submit(p, q, cfg, pools)) for p, q in zip(problems, prompts)]
     records, seconds = _drive(fns, window)
     tokens = [int(r["compute"]["generated_tokens"]) for r in records]
     return {"problems": len(records), "generated_tokens": sum(tokens), "seconds": seconds, "per_problem": tokens}
@@ -172,8 +160,9 @@ def run(args) -> tuple[list[dict], dict]:
     import ray
 
     from jobs.common import init_ray
-    from jobs.search import Config, load_tokenizer, make_prompt, pool_configs, start_pools
-    from app.problems import load_problems
+    from app.datasets import load_problems
+    from app.search.driver import make_prompt
+    from jobs.search import Config, pool_configs, prompt_tokenizer, start_pools
 
     cfg = load_config(Config, args.config, args.overrides)
     window = args.in_flight or cfg.max_in_flight
@@ -186,18 +175,19 @@ def run(args) -> tuple[list[dict], dict]:
     started_ray = not ray.is_initialized()
     # no dashboard: its periodic work would share the 2 cores with what is being measured
     init_ray(args.num_cpus or max(os.cpu_count() or 2, math.ceil(need)), include_dashboard=False)
-    tokenizer = load_tokenizer(cfg)
+    tokenizer = prompt_tokenizer(cfg)
     prompts = [make_prompt(p, cfg, tokenizer) for p in problems]
     rows: list[dict] = []
     figures: dict = {}
 
-    policy_pool, prm_pool = start_pools(policy_cfg.model_copy(update={"replicas": 1}), prm_cfg)
+    first = start_pools(policy_cfg.model_copy(update={"replicas": 1}), prm_cfg)
+    policy_pool, prm_pool = first.policy, first.prm
     try:
         search1 = _phase_one(cfg, problems, prompts, policy_pool, prm_pool, window, rows, figures)
         if not args.skip_replicas:
             policy_pool.shutdown()
             policy_pool = None
-            policy_pool, _ = start_pools(policy_cfg.model_copy(update={"replicas": 2}), None)
+            policy_pool = start_pools(policy_cfg.model_copy(update={"replicas": 2}), None).policy
             _search_phase(cfg, problems[:2], prompts[:2], policy_pool, prm_pool, 2)  # warm both replicas
             _reset(policy_pool, prm_pool)
             search2 = _search_phase(cfg, problems, prompts, policy_pool, prm_pool, window)

@@ -7,7 +7,7 @@ that already holds a final answer needs no completions: its label is whether tha
 prefixes of one problem (two samples that agree on their first steps) are completed once.
 
 `k=0` (toy problems only) samples the trajectories and labels every step with the toy world's exact checker
-(`app.toy.generator.exact_step_labels`) instead of completions; identical trajectories of a problem are kept
+(`app.toy.checker.exact_step_labels`) instead of completions; identical trajectories of a problem are kept
 once. A slip in a toy solution is never undone, so these are the limit of the hard labels as k grows, at the
 cost of sampling alone: the toy PRM's training data (a tiny PRM needs ~10k labelled trajectories to learn to
 check a sum, which Monte-Carlo completions would take hours to label on a laptop).
@@ -37,7 +37,7 @@ from typing import Any, Literal, Sequence
 
 from pydantic import Field, model_validator
 
-from actors.pool import PoolConfig
+from app.pool_config import PoolConfig
 from app.config import Config, ConfigError
 
 
@@ -107,7 +107,7 @@ def has_final_answer(text: str) -> bool:
 
 def make_prompt(problem: dict, style: str) -> str:
     if style == "toy":
-        from app.toy.generator import toy_prompt
+        from app.toy.world import toy_prompt
 
         return toy_prompt(problem["question"])
     return problem["question"] + "\n\n"
@@ -115,7 +115,7 @@ def make_prompt(problem: dict, style: str) -> str:
 
 def label_problem(client, problem: dict, cfg: dict) -> list[dict]:
     """Sample trajectories for one problem and label every step prefix. Runs inside a Ray task."""
-    from actors.engines.engine import GenerationRequest
+    from app.contracts import GenerationRequest
     from app.search.tree import split_steps
 
     c = MCLabelConfig.model_validate(cfg)
@@ -192,7 +192,7 @@ def _oracle_records(problem: dict, first: list, trajs: list[list[str]], c: MCLab
 
 def _needed(keys, trajs, client, c, prompt, gold, base) -> dict:
     """skip_after_zero: complete prefixes depth by depth, and stop a trajectory after its first 0 label."""
-    from actors.engines.engine import GenerationRequest
+    from app.contracts import GenerationRequest
 
     table: dict[str, float] = {}
     dead = [False] * len(trajs)
@@ -224,14 +224,14 @@ def _needed(keys, trajs, client, c, prompt, gold, base) -> dict:
 def _exact_checker(problem: dict):
     if not str(problem.get("id", "")).startswith("toy-"):
         return None
-    from app.toy.generator import exact_step_labels
+    from app.toy.checker import exact_step_labels
 
     return lambda steps: exact_step_labels(problem["question"], steps)
 
 
 def load_problem_dicts(c: MCLabelConfig) -> list[dict]:
     if c.problems in ("toy:train", "toy:test"):
-        from app.toy.generator import toy_problems
+        from app.toy.world import toy_problems
 
         probs = toy_problems(c.problems, n_per_level=c.offset + c.n_per_level, levels=c.levels, seed=c.seed)
         keep = []
@@ -240,7 +240,7 @@ def load_problem_dicts(c: MCLabelConfig) -> list[dict]:
             keep += mine[c.offset:]
         probs = keep
     else:
-        from app.problems import load_problems
+        from app.datasets import load_problems
 
         probs = load_problems(c.problems)
         if c.limit:

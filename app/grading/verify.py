@@ -1,8 +1,4 @@
-"""Grading: pull the final answer out of a solution and decide whether it equals the gold answer.
-
-Extraction follows the search-and-learn / Qwen2.5-Math parser order (ALGORITHMS.md, "Shared conventions"):
-"final answer is $...$", else the last brace-matched `\\boxed{}` (or `\\fbox{}`), else "The answer is ...",
-else GSM8K's `#### n`, else the last number in the text.
+"""Decide whether an answer equals the gold answer: cheap checks first, then math-verify under a time limit.
 
 Equivalence runs cheap checks first (equal normalised strings; two plain numbers compared exactly, with
 thousands commas, units, percent and degree signs stripped) and only then math-verify (sympy), which can
@@ -20,7 +16,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 import multiprocessing
 import re
 import signal
@@ -29,98 +24,12 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Iterable, Sequence
+
+from app.grading.extract import extract_answer, last_boxed
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT = 3.0  # seconds per grade; the references use a 3 s sympy alarm
-
-# ----------------------------------------------------------------------------------------------- extraction
-
-_BOX_START = re.compile(r"\\(?:boxed|fbox)\s*")
-_FINAL_ANSWER = re.compile(r"final answer is:?\s*\$+((?:\\\$|[^$])+?)\$+", re.IGNORECASE)
-_THE_ANSWER = re.compile(r"answer is:?[ \t]*([^\n]+)", re.IGNORECASE)
-_GSM8K = re.compile(r"####[ \t]*([^\n]+)")
-_NUMBER = re.compile(r"(?:(?<![\w)\]}])-)?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:/\d+)?|(?:(?<![\w)\]}])-)?\.\d+")
-
-
-def boxed_contents(text: str) -> list[str]:
-    """Contents of every complete `\\boxed{...}` / `\\fbox{...}` (nested braces matched), in order.
-
-    An unclosed box (a truncated generation) is skipped. `\\boxed 5` (no braces) yields "5".
-    """
-    out: list[str] = []
-    for m in _BOX_START.finditer(text):
-        i = m.end()
-        if i < len(text) and text[i] == "{":
-            depth, j = 0, i
-            while j < len(text):
-                if text[j] == "{" and text[j - 1] != "\\":
-                    depth += 1
-                elif text[j] == "}" and text[j - 1] != "\\":
-                    depth -= 1
-                    if depth == 0:
-                        break
-                j += 1
-            if depth == 0 and j < len(text):
-                out.append(text[i + 1 : j].strip())
-        elif text[m.end() - 1].isspace():
-            token = re.match(r"[^\s$]+", text[i:])
-            if token:
-                out.append(token.group(0))
-    return out
-
-
-def last_boxed(text: str) -> str | None:
-    """The last complete, non-empty `\\boxed{}` / `\\fbox{}` content, or None."""
-    for content in reversed(boxed_contents(text)):
-        if content:
-            return content
-    return None
-
-
-def _clean_answer_phrase(s: str) -> str | None:
-    """Tidy the text after "The answer is": cut at the sentence end, unwrap `$...$` and `\\boxed{}`."""
-    s = s.strip()
-    boxed = last_boxed(s)
-    if boxed is not None:
-        return boxed
-    if _BOX_START.search(s):  # an unclosed box: a truncated generation
-        return None
-    m = re.match(r"(.+?)(?:\.\s|\.$|$)", s)  # up to the first full stop that ends the sentence
-    s = m.group(1) if m else s
-    s = s.strip().strip("$").strip()
-    if s.startswith("\\(") and s.endswith("\\)"):
-        s = s[2:-2].strip()
-    s = s.rstrip(".,;:!").strip()
-    return s or None
-
-
-def extract_answer(text: str | None) -> str | None:
-    """The final answer of a whole solution, as a bare string (not normalised), or None when there is none."""
-    if not text:
-        return None
-    finals = _FINAL_ANSWER.findall(text)
-    if finals:
-        inner = finals[-1].strip()
-        boxed = last_boxed(inner)
-        ans = boxed if boxed is not None else inner.rstrip(".").strip()
-        if ans:
-            return ans
-    boxed = last_boxed(text)
-    if boxed is not None:
-        return boxed
-    for regex in (_THE_ANSWER, _GSM8K):
-        hits = regex.findall(text)
-        if hits:
-            ans = _clean_answer_phrase(hits[-1])
-            if ans:
-                return ans
-    numbers = _NUMBER.findall(text)
-    if numbers:
-        return numbers[-1].replace(",", "")
-    return None
-
 
 # -------------------------------------------------------------------------------------------- normalisation
 
@@ -363,7 +272,7 @@ def reset_grade_stats() -> None:
         _STATS.checks = _STATS.timeouts = 0
 
 
-def _count(checks: int, timeouts: int) -> None:
+def count_grades(checks: int, timeouts: int) -> None:
     with _STATS_LOCK:
         _STATS.checks += checks
         _STATS.timeouts += timeouts
@@ -373,14 +282,14 @@ def _equivalent(gold: str, pred: str, timeout: float) -> bool:
     """Bare gold vs bare prediction: fast paths, then math-verify within `timeout` seconds."""
     fast = _fast_path(gold, pred)
     if fast is not None:
-        _count(1, 0)
+        count_grades(1, 0)
         return fast
     g, p = _tidy(gold), _tidy(pred)
     if _signals_usable():
         equal, timed_out = _decide_in_main_thread(g, p, timeout)
     else:
         equal, timed_out = _HELPER.decide(g, p, timeout)
-    _count(1, int(timed_out))
+    count_grades(1, int(timed_out))
     if timed_out:
         log.warning("grading timed out after %.1f s (counted as wrong): gold=%.80r prediction=%.80r", timeout, gold, pred)
     return equal
@@ -416,63 +325,3 @@ def answers_equivalent(a: str | None, b: str | None, timeout: float = DEFAULT_TI
 @functools.lru_cache(maxsize=65536)
 def _equivalent_cached(x: str, y: str, timeout: float) -> bool:
     return _equivalent(x, y, timeout)
-
-
-def _grade_chunk(pairs: Sequence[tuple[str, str]], timeout: float) -> tuple[list[bool], int, int]:
-    before = grade_stats()
-    results = [grade(p, g, timeout) for p, g in pairs]
-    after = grade_stats()
-    return results, after.checks - before.checks, after.timeouts - before.timeouts
-
-
-_remote_grade_chunk = None
-
-
-def grade_batch(
-    pairs: Iterable[tuple[str, str]],
-    num_workers: int | None = None,
-    timeout: float = DEFAULT_TIMEOUT,
-    chunk_size: int | None = None,
-) -> list[bool]:
-    """Grade (prediction_text, gold_answer) pairs, in order.
-
-    - Ray initialised: chunks run as Ray tasks (1 CPU each), at most `num_workers` at a time (default: the
-      cluster's CPUs). Each task's timeout count is added to this process's `grade_stats()`.
-    - Ray not initialised and num_workers None or 1: graded here, one after another; nothing is started.
-    - Ray not initialised and num_workers > 1: an error, since starting a cluster is the job's business
-      (`jobs.common.init_ray`).
-    """
-    pairs = [(p, g) for p, g in pairs]
-    if not pairs:
-        return []
-    import ray
-
-    if not ray.is_initialized():
-        if num_workers not in (None, 1):
-            raise RuntimeError(
-                f"grade_batch(num_workers={num_workers}) runs on Ray, which is not initialised: "
-                "call ray.init() (jobs do it with jobs.common.init_ray) or pass num_workers=1"
-            )
-        return _grade_chunk(pairs, timeout)[0]
-
-    global _remote_grade_chunk
-    if _remote_grade_chunk is None:
-        _remote_grade_chunk = ray.remote(num_cpus=1)(_grade_chunk)
-    workers = num_workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
-    size = chunk_size or max(1, min(128, math.ceil(len(pairs) / (workers * 8))))  # small enough to balance
-    chunks = [(start, pairs[start : start + size]) for start in range(0, len(pairs), size)]
-    results: list[bool | None] = [None] * len(pairs)
-    in_flight: dict = {}
-    next_chunk = 0
-    while next_chunk < len(chunks) or in_flight:
-        while next_chunk < len(chunks) and len(in_flight) < workers:
-            start, chunk = chunks[next_chunk]
-            in_flight[_remote_grade_chunk.remote(chunk, timeout)] = start
-            next_chunk += 1
-        done, _ = ray.wait(list(in_flight), num_returns=1)
-        for ref in done:
-            start = in_flight.pop(ref)
-            chunk_results, checks, timeouts = ray.get(ref)
-            results[start : start + len(chunk_results)] = chunk_results
-            _count(checks, timeouts)
-    return [bool(r) for r in results]

@@ -1,7 +1,7 @@
 """The toy world's checker served as a PRM: the oracle verifier, for measuring what a search method can do.
 
 `prm: {format: toy-checker}` in a toy recipe puts this in place of a model: a step scores 1.0 while every step
-so far is right and 0.0 from the first slip on (`app.toy.generator.exact_step_labels`, the toy PRM's own training
+so far is right and 0.0 from the first slip on (`app.toy.checker.exact_step_labels`, the toy PRM's own training
 labels). It reads no tokens and costs no FLOPs. With it, beam search on the toy world shows its ceiling (README:
 0.94 of the level-4 test problems, where majority solves 0.665), which separates what the search does from what
 the PRM does. Toy questions only: anything else fails its own call with a PRMInputError naming it.
@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from actors.prm import EncodedTrajectory, PRMInputError
+from actors.prm_formats import EncodedTrajectory, PRMInputError
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,7 @@ class ToyCheckerFormat:
         self.step_delimiter = step_delimiter
 
     def encode(self, question: str, steps: Sequence[str], index: int | None = None) -> CheckedTrajectory:
-        from app.toy.generator import question_terms
+        from app.toy.checker import question_terms
 
         try:
             question_terms(question)
@@ -48,6 +48,6 @@ class ToyCheckerEngine:
     max_length = None
 
     def score(self, items: Sequence[CheckedTrajectory]) -> list[list[float]]:
-        from app.toy.generator import exact_step_labels
+        from app.toy.checker import exact_step_labels
 
         return [[float(y) for y in exact_step_labels(it.question, list(it.steps))] if it.steps else [] for it in items]

@@ -1,6 +1,8 @@
-"""The engine protocol: what every policy engine (HF, vLLM, a scripted test engine) speaks.
+"""The contracts between search and models: requests, completions, compute, and the handles search calls.
 
-Kept free of torch/vllm imports so that `app.search` can depend on it and run against any handle.
+Every policy engine (HF, vLLM, a scripted test engine) speaks `Engine`; search methods call `PolicyHandle` and
+`RewardHandle`, whatever stands behind them (a pool client, a scripted engine). Pure Python, in the domain, so
+that `app.search` depends on it and never on the actors or on torch/vLLM.
 """
 from __future__ import annotations
 
@@ -144,12 +146,15 @@ class RewardHandle(Protocol):
 
 
 def apply_stop(text: str, stop: Sequence[str]) -> tuple[str, str | None]:
-    """Cut `text` just after the earliest stop string. Returns (text, matched stop or None)."""
-    best, which = -1, None
+    """Cut `text` after the stop string that *ends* earliest (ties: the one listed first): vLLM's rule.
+
+    The one stop rule: the HF engine and the scripted test engine apply it, vLLM applies it itself, so all three
+    report the same text and `stop_reason` even when two stop strings complete on the same token.
+    Returns (text, matched stop or None).
+    """
+    best_end, which = None, None
     for s in stop:
         i = text.find(s)
-        if i >= 0 and (best < 0 or i < best):
-            best, which = i, s
-    if best < 0:
-        return text, None
-    return text[: best + len(which)], which
+        if i >= 0 and (best_end is None or i + len(s) < best_end):
+            best_end, which = i + len(s), s
+    return (text, None) if which is None else (text[:best_end], which)

@@ -7,9 +7,9 @@ import re
 import pytest
 
 from app.search.tree import split_steps
-from app.toy.generator import (LEVELS, STEP_SEP, apply_move, evaluate, exact_step_labels, first_wrong_chars, moves,
-                               parse_expression, right_steps, sample_terms, sft_examples, solve, split_of, toy_problems,
-                               toy_prompt)
+from app.toy.checker import exact_step_labels, first_wrong_chars, parse_expression, right_steps
+from app.toy.world import (LEVELS, STEP_SEP, apply_move, evaluate, moves, sample_terms, sft_examples, solve, split_of,
+                           toy_problems, toy_prompt)
 
 LAST = re.compile(r"^(\d+) ([+-]) (\d+) = (\d+)\.$")
 BRACKET = re.compile(r"^(.*)\((\d+) ([+-]) (\d+)\)(.*) = (.*)\.$")

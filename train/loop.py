@@ -369,7 +369,7 @@ def save_compact(src: str | Path, dst: str | Path, dtype: str = "bfloat16", over
     import torch
     from transformers import AutoModelForCausalLM
 
-    from actors.prm import load_tokenizer
+    from actors.engines.base import load_tokenizer
 
     src, dst = Path(src), Path(dst)
     if dst.exists():

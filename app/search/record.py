@@ -18,7 +18,7 @@ from __future__ import annotations
 import time
 from typing import Any, Callable, Sequence
 
-from app.search.methods import get_method, method_config
+from app.search.registry import get_method, method_config
 from app.search.select import RULES, select_all
 from app.search.tree import Trajectory
 

@@ -35,16 +35,16 @@ The policy's prompt is plain text (the toy tokenizer has no chat template): `toy
 
 Splits: a problem belongs to `test` when a hash of its question text falls in the test bucket (1 in 8), else to
 `train`, so the two splits never share a problem whatever the seed, level or count. Everything is deterministic
-from the seed. Sources `toy:train` / `toy:test` (`load_toy`, `toy_problems`) give `app.problems.Problem` records.
+from the seed. Sources `toy:train` / `toy:test` (`load_toy`, `toy_problems`) give `app.problems.Problem` records. The checker of steps is `app.toy.checker`.
 """
 from __future__ import annotations
 
 import hashlib
-import os
-import re
 import random
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Iterator, Sequence
+
+from app.problems import Problem, toy_prompt  # noqa: F401  (toy_prompt: the toy world's prompt, re-exported)
 
 STEP_SEP = "\n\n"
 SOURCES = ("toy:train", "toy:test")
@@ -66,12 +66,6 @@ LEVELS: dict[int, Level] = {
     4: Level(terms=6, low=1, high=12, p_minus=0.25),
     5: Level(terms=7, low=1, high=15, p_minus=0.25),
 }
-
-
-def toy_prompt(problem: Any) -> str:
-    """The toy policy's prompt for a problem (anything with `.question`, or the question text itself)."""
-    question = problem if isinstance(problem, str) else problem.question
-    return f"Question: {question}{STEP_SEP}Answer:{STEP_SEP}"
 
 
 def _hash(text: str) -> int:
@@ -189,38 +183,7 @@ def _problem(terms: Terms, level: int, split: str, seed: int):
         level=level,
         tags=("toy", f"toy:{split}", f"level:{level}"),
     )
-    return _make_problem(**fields)
-
-
-def _make_problem(**fields):
-    try:
-        from app.problems import Problem
-    except ImportError:  # app/problems.py is written beside this module; same fields
-        return _FallbackProblem(**fields)
-    return _build(Problem, fields)
-
-
-def _build(cls, fields: dict):
-    import dataclasses
-    import inspect
-
-    names = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set(inspect.signature(cls).parameters)
-    kw = {k: v for k, v in fields.items() if k in names}
-    if "tags" in kw:
-        ann = str(next((f.type for f in dataclasses.fields(cls) if f.name == "tags"), "")) if dataclasses.is_dataclass(cls) else ""
-        if ann.startswith("list"):
-            kw["tags"] = list(kw["tags"])
-    return cls(**kw)
-
-
-@dataclass(frozen=True)
-class _FallbackProblem:
-    id: str
-    question: str
-    answer: str
-    solution: str
-    level: int
-    tags: tuple[str, ...] = ()
+    return Problem(**dict(fields, tags=list(fields["tags"])))
 
 
 def iter_terms(split: str, level: int, seed: int) -> Iterator[Terms]:
@@ -258,7 +221,7 @@ def toy_problems(split: str = "test", n_per_level: int = 200, levels: Sequence[i
 
 
 def load_toy(source: str, n_per_level: int = 200, levels: Sequence[int] = (1, 2, 3, 4, 5), seed: int = 0) -> list:
-    """`toy:train` / `toy:test` -> problems (the hook for app.problems.load_problems)."""
+    """`toy:train` / `toy:test` -> problems (the hook for app.datasets.load_problems)."""
     if source not in SOURCES:
         raise ValueError(f"unknown toy source {source!r}; one of {', '.join(SOURCES)}")
     return toy_problems(source, n_per_level=n_per_level, levels=levels, seed=seed)
@@ -291,108 +254,4 @@ def sft_examples(n_per_level: int, levels: Sequence[int] = (1, 2, 3, 4, 5), seed
                 out.append(dict(prompt=toy_prompt(q), completion=STEP_SEP.join(steps), level=int(level),
                                 answer=str(evaluate(terms)), question=q))
     rng.shuffle(out)
-    return out
-
-
-_BRACKET = re.compile(r"^\s*([0-9+\- ()]*\([0-9+\- ]+\)[0-9+\- ()]*) = ([0-9+\- ]+)\.\s*$", re.S)
-_STEP = re.compile(r"^\s*(\d+) ([+-]) (\d+) = (-?\d+)\.(?: Left: (.*)\.)?\s*$", re.S)
-
-
-def parse_expression(text: str) -> Terms | None:
-    """`"47 + 18 - 23"` -> [(1, 47), (1, 18), (-1, 23)]; None when it is not such an expression."""
-    toks = text.strip().split(" ")
-    if len(toks) % 2 == 0 or not all(t.isdigit() for t in toks[::2]) or not all(t in "+-" and t for t in toks[1::2]):
-        return None
-    terms = [(1, int(toks[0]))]
-    for op, v in zip(toks[1::2], toks[2::2]):
-        terms.append((1 if op == "+" else -1, int(v)))
-    return terms
-
-
-def question_terms(question: str) -> Terms:
-    """The terms of a toy question (`question_of`'s inverse); ValueError for anything else."""
-    m = re.fullmatch(r"What is (.*)\?", question.strip())
-    terms = parse_expression(m.group(1)) if m else None
-    if terms is None:
-        raise ValueError(f"not a toy question: {question!r}")
-    return terms
-
-
-def exact_step_labels(question: str, steps: Sequence[str]) -> list[int]:
-    """The true correctness of each step prefix of a toy solution (1 while every step so far is right).
-
-    A computation step is right when its arithmetic is true, the expression left has one term fewer and still
-    equals the answer (or, on the last computation, its result is the answer); the answer step when the boxed
-    number is the answer. Once a step is wrong, every later prefix is wrong. The toy PRM's training labels
-    (`mc_labels` with k=0: the limit of Monte-Carlo hard labels, since a slip is never undone), and the truth its
-    step AUC is reported against.
-    """
-    terms = question_terms(question)
-    gold = evaluate(terms)
-    n_terms = len(terms)
-    ok, out = True, []
-    for step in steps:
-        s = step.strip()
-        if ok:
-            box = re.fullmatch(r"The answer is \\boxed\{(-?\d+)\}\.?", s)
-            st = _STEP.match(s)
-            br = _BRACKET.match(s)
-            if box:
-                ok = int(box.group(1)) == gold and n_terms == 1
-            elif st:
-                a, op, b, c = int(st.group(1)), st.group(2), int(st.group(3)), int(st.group(4))
-                ok = (a + b if op == "+" else a - b) == c
-                if st.group(5) is not None:
-                    left = parse_expression(st.group(5))
-                    ok = ok and left is not None and len(left) == n_terms - 1 and evaluate(left) == gold
-                    n_terms = len(left) if left else n_terms - 1
-                else:
-                    ok = ok and n_terms == 2 and c == gold
-                    n_terms = 1
-            elif br:
-                before = parse_expression(br.group(1).replace("(", "").replace(")", ""))
-                left = parse_expression(br.group(2))
-                ok = (before is not None and left is not None and len(before) == n_terms
-                      and evaluate(before) == gold and len(left) == n_terms - 1 and evaluate(left) == gold)
-                n_terms = len(left) if left else n_terms - 1
-            else:
-                ok = False
-        out.append(int(ok))
-    return out
-
-
-def right_steps(terms: Sequence[tuple[int, int]]) -> list[str]:
-    """Every right next step from `terms`, as the training solutions write it (the answer step when one is left)."""
-    terms = list(terms)
-    if len(terms) == 1:
-        return [f"The answer is \\boxed{{{terms[0][1]}}}."]
-    out = []
-    for i, j in moves(terms):
-        text, new = apply_move(terms, i, j)
-        out.append(f"{text}." if len(new) == 1 else f"{render_bracket(terms, i)} = {render(new)}.")
-    return out
-
-
-def first_wrong_chars(question: str, steps: Sequence[str]) -> list[int | None]:
-    """Where each step stops being right, for the PRM's per-token labels: None for a right step; for the first
-    wrong step the index of its first character that no right step continues (the slip: a miscopied term, a
-    wrong sum); 0 for every step after it. Right and wrong are `exact_step_labels`' verdicts, so a step that is
-    right in value but laid out differently from `right_steps` stays right.
-    """
-    exact = exact_step_labels(question, steps)
-    terms = question_terms(question)
-    gold = evaluate(terms)
-    out: list[int | None] = []
-    for step, ok in zip(steps, exact):
-        s = step.strip()
-        if out and out[-1] is not None:
-            out.append(0)
-        elif ok:
-            out.append(None)
-            br, st = _BRACKET.match(s), _STEP.match(s)
-            left = br.group(2) if br else st.group(5) if st else None
-            terms = parse_expression(left) if left else [(1, gold)]
-        else:
-            lead = len(step) - len(step.lstrip())
-            out.append(lead + max(len(os.path.commonprefix([s, r])) for r in right_steps(terms)))
     return out

@@ -1,7 +1,9 @@
-"""Replica pools: N copies of one Ray actor, placed with placement groups, called by least load, retried on death.
+"""Replicas of one model's actor: placed with placement groups, called by least load, retried on death.
 
-`ReplicaPool` is generic (any actor class + its init kwargs); `actors.policy` and `actors.prm` build on it.
-`PoolConfig` is the recipe section that describes a pool of model replicas (policy or PRM).
+`ReplicaPool` is generic (any actor class + its init kwargs). `ModelPool` is the replicas of one model started
+from a PoolConfig, and `PoolClient` the one generic handle search code calls on it: it routes a call to the
+least-loaded replica, retries it when a replica dies, and adds what the call cost to `usage`. `actors.policy` and
+`actors.prm` only name the actor, the method they call and how it is counted.
 """
 from __future__ import annotations
 
@@ -12,72 +14,13 @@ import random
 import threading
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable
 
-from pydantic import Field, ValidationError, field_validator
-
-from app.config import Config, ConfigError, _format_error
+from app.config import ConfigError
+from app.contracts import Usage
+from app.pool_config import PoolConfig
 
 log = logging.getLogger(__name__)
-
-
-class PoolConfig(Config):
-    """A pool of model replicas (the `policy:` / `prm:` section of a recipe).
-
-    engine: "hf" (transformers; CPU or one GPU per replica) or "vllm" (the async vLLM engine).
-    model: Hub name, local path, or `toy:NAME` (a shipped toy checkpoint).
-    replicas: actor replicas; calls go to the least-loaded one.
-    tp: GPUs per replica (vLLM tensor parallelism); one placement-group bundle per rank. 1 for the HF engine.
-    num_cpus: CPUs reserved per replica (per bundle).
-    max_batch / gather_ms: the HF engine's micro-batching (most requests per batch; how long the first call of a
-        batch waits for others). vLLM batches continuously by itself and ignores them.
-    dtype: model dtype ("float32", "bfloat16", "float16", "auto").
-    engine_kwargs: passed to the engine's constructor as is, e.g. for vLLM `gpu_memory_utilization`,
-        `enable_prefix_caching`, `max_model_len`, `seed`; for HF `max_batch_rows`.
-    max_concurrency: concurrent calls one replica accepts (async actor).
-    max_retries: how many times a call is retried when its replica dies (Ray restarts it meanwhile).
-    """
-
-    engine: Literal["hf", "vllm"] = "hf"
-    model: str = "toy:policy"
-    replicas: int = Field(1, ge=1)
-    tp: int = Field(1, ge=1)
-    num_cpus: float = Field(1.0, ge=0)
-    max_batch: int = Field(64, ge=1)
-    gather_ms: float = Field(5.0, ge=0)
-    dtype: str = "float32"
-    engine_kwargs: dict[str, Any] = Field(default_factory=dict)
-    max_concurrency: int = Field(1000, ge=1)
-    max_retries: int = Field(8, ge=0)
-
-    def __init__(self, **data: Any):
-        # Direct construction (`PoolConfig(replicas=0)`) fails with the same one-line ConfigError as a recipe.
-        try:
-            super().__init__(**data)
-        except ValidationError as e:
-            raise ConfigError(_format_error(e, type(self).__name__)) from None
-
-    @field_validator("dtype")
-    @classmethod
-    def _dtype(cls, v: str) -> str:
-        ok = {"auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16", "half"}
-        if v not in ok:
-            raise ValueError(f"unknown dtype {v!r}; one of {', '.join(sorted(ok))}")
-        return v
-
-
-def check_model(model: str) -> str:
-    """Resolve `toy:` names; a name that looks like a local path must exist. Raises ConfigError (one line)."""
-    from app.toy import resolve_model
-
-    try:
-        path = resolve_model(model)
-    except FileNotFoundError as e:
-        raise ConfigError(str(e)) from None
-    looks_local = model.startswith(("toy:", "/", "./", "../", "~")) or Path(path).exists()
-    if looks_local and not (Path(path).expanduser() / "config.json").exists():
-        raise ConfigError(f"model {model!r}: no config.json at {path} (give a Hub name, a checkpoint folder or toy:NAME)")
-    return path
 
 
 def _retryable():
@@ -288,34 +231,59 @@ class ReplicaPool:
                 pass
 
 
-# --- what the policy and PRM pools share --------------------------------------------------------------------------
+def check_model(model: str) -> str:
+    """Resolve `toy:` names; a name that looks like a local path must exist. Raises ConfigError (one line)."""
+    from app.toy import resolve_model
+
+    try:
+        path = resolve_model(model)
+    except FileNotFoundError as e:
+        raise ConfigError(str(e)) from None
+    looks_local = model.startswith(("toy:", "/", "./", "../", "~")) or Path(path).exists()
+    if looks_local and not (Path(path).expanduser() / "config.json").exists():
+        raise ConfigError(f"model {model!r}: no config.json at {path} (give a Hub name, a checkpoint folder or toy:NAME)")
+    return path
 
 
 class PoolClient:
-    """Base of the handles search code calls (`PolicyClient`, `PRMClient`): the pool, the model's parameter count
-    for FLOPs, and `usage`, the tokens and FLOPs spent through this client. Picklable; a copy starts with its own
-    (copied) usage."""
+    """A picklable handle on a pool: `call`/`acall` a replica's method and count what it cost in `usage`.
+
+    `account(usage, result, num_parameters)` adds one call's tokens and FLOPs; a copy (in a Ray task) starts with
+    its own copy of `usage`, so each task measures its own problem.
+    """
+
+    account: Callable[[Usage, Any, int], None] = staticmethod(lambda usage, result, params: None)
 
     def __init__(self, pool: ReplicaPool, num_parameters: int, model: str = ""):
-        from actors.engines.engine import Usage
-
         self.pool = pool
         self.num_parameters = int(num_parameters)
         self.model = model
         self.usage = Usage()
 
+    def call(self, method: str, *args: Any) -> Any:
+        """Blocking: for Ray tasks and threads."""
+        out = self.pool.call(method, *args)
+        self.account(self.usage, out, self.num_parameters)
+        return out
+
+    async def acall(self, method: str, *args: Any) -> Any:
+        """Awaiting: for async actors and Serve deployments."""
+        out = await self.pool.acall(method, *args)
+        self.account(self.usage, out, self.num_parameters)
+        return out
+
 
 class ModelPool:
     """Replicas of one model's actor, started from a PoolConfig by `start_replicas`. Picklable (the actors are
-    shared, not copied). Subclasses name their client class."""
+    shared, not copied); `client()` gives a fresh handle of the pool's client class."""
 
-    client_class: type[PoolClient] = PoolClient
-    shutdown_timeout_s: float = 30.0
-
-    def __init__(self, cfg: PoolConfig, pool: ReplicaPool, info: list[dict]):
+    def __init__(self, cfg: PoolConfig, pool: ReplicaPool, info: list[dict], client_class: type[PoolClient],
+                 shutdown_timeout_s: float = 30.0):
         self.cfg = cfg
         self.pool = pool
         self.info = info
+        self.client_class = client_class
+        self.shutdown_timeout_s = shutdown_timeout_s
         self.num_parameters = int(info[0]["num_parameters"]) if info else 0
 
     def client(self):

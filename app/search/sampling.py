@@ -11,7 +11,7 @@ from typing import Literal, Sequence
 
 from pydantic import Field
 
-from actors.engines.engine import Completion, GenerationRequest, PolicyHandle, RewardHandle
+from app.contracts import Completion, GenerationRequest, PolicyHandle, RewardHandle
 from app.config import Config
 from app.search.tree import Node, Step
 

@@ -1,0 +1,84 @@
+"""What the policy and PRM actors share: one engine, a micro-batcher in front of it, and the stats jobs read.
+
+A subclass loads its engine and says how a call is batched; the base keeps the counters and answers `ready`,
+`info`, `stats`, `reset_stats` and `shutdown` the same way for both, so pools, benches and tests read one shape.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import time
+from typing import Any, Awaitable, Callable
+
+from actors.batching import BatchStats, MicroBatcher
+
+
+class ModelActor:
+    """Base of `PolicyActor` and `PRMActor` (wrapped with `ray.remote` by `actors.replicas.start_replicas`)."""
+
+    engine: Any
+    batcher: MicroBatcher | None = None
+
+    def _start(self, engine_name: str, model: str, load: Callable[[], Any], batched: str | None,
+               max_batch: int, gather_ms: float) -> None:
+        """Load the engine (timed) and, when `batched` names one of its methods, merge concurrent calls into
+        batches of that method (None: the engine batches by itself, as vLLM's async engine does)."""
+        t0 = time.perf_counter()
+        self.engine = load()
+        self.load_seconds = time.perf_counter() - t0
+        self.engine_name, self.model = engine_name, model
+        self.num_parameters = int(self.engine.num_parameters)
+        if batched is not None:
+            self.batcher = MicroBatcher(getattr(self.engine, batched), max_batch=max_batch, gather_ms=gather_ms)
+        self.inflight = self.max_inflight = 0
+        self.reset_counters()
+
+    async def _serve(self, run: Callable[[], Awaitable[Any]]) -> Any:
+        """Run one call, counting it in flight and its wall seconds."""
+        self.inflight += 1
+        self.max_inflight = max(self.max_inflight, self.inflight)
+        t0 = time.perf_counter()
+        try:
+            return await run()
+        finally:
+            self.inflight -= 1
+            self.busy_s += time.perf_counter() - t0
+            self.calls += 1
+
+    def reset_counters(self) -> None:
+        """Subclasses add their own counters here."""
+        self.calls, self.busy_s = 0, 0.0
+
+    def ready(self) -> bool:
+        return True
+
+    def info(self) -> dict:
+        return dict(engine=self.engine_name, model=self.model, num_parameters=self.num_parameters, pid=os.getpid(),
+                    host=socket.gethostname(), load_seconds=self.load_seconds)
+
+    def stats(self) -> dict:
+        """Calls served; for a micro-batched engine its batches (sizes in items) and seconds inside the engine."""
+        d: dict[str, Any] = dict(engine=self.engine_name, pid=os.getpid(), calls=self.calls, inflight=self.inflight,
+                                 max_inflight=self.max_inflight, engine_s=0.0, batches=0)
+        if self.batcher is not None:
+            s = self.batcher.stats
+            d.update(engine_s=s.busy_s, batches=s.batches, items=s.items, largest_batch=s.largest,
+                     batch_sizes=list(s.sizes), mean_batch=(s.items / s.batches) if s.batches else 0.0)
+        cache = getattr(self.engine, "prefix_cache", None)
+        if cache is not None:
+            d["prefix_cache"] = cache.stats()
+        return d
+
+    def reset_stats(self) -> None:
+        self.reset_counters()
+        self.max_inflight = 0
+        if self.batcher is not None:
+            self.batcher.stats = BatchStats()
+        cache = getattr(self.engine, "prefix_cache", None)
+        if cache is not None:
+            cache.reset_counters()
+
+    def shutdown(self) -> None:
+        close = getattr(self.engine, "close", None) or getattr(self.engine, "shutdown", None)
+        if close is not None:
+            close()
