@@ -1,7 +1,7 @@
 """How published PRMs lay out a trajectory and where each step's score is read: one small class per family.
 
 A PRM reads a question and a trajectory (a list of steps) and gives one score in [0, 1] per step. Published PRMs
-disagree on how the steps are laid out and where the score is read (ALGORITHMS.md in docs/design.md's terms:
+disagree on how the steps are laid out and where the score is read (docs/algorithms.md,
 "PRM input formats"); every tag and label token id is derived from the PRM's own tokenizer in the class's
 constructor, in one place (ids depend on leading spaces, so they are never hard-coded):
 

@@ -82,7 +82,7 @@ def _cfg(tmp_path, **kw):
 def test_labels_soft_is_fraction_hard_is_any(tmp_path):
     problem = toy_problems("train", n_per_level=1, levels=[4])[0]
     p = dict(id=problem.id, question=problem.question, answer=problem.answer, level=4)
-    recs = label_problem(ScriptedToyPolicy(), p, _cfg(tmp_path).model_dump(mode="json"))
+    recs = label_problem(ScriptedToyPolicy(), p, _cfg(tmp_path))
     good, bad = recs
     assert good["correct"] and not bad["correct"]
     n = len(good["steps"])
@@ -102,7 +102,7 @@ def test_k0_labels_with_the_checker_without_completions(tmp_path):
     p = dict(id=problem.id, question=problem.question, answer=problem.answer, level=4)
     policy = ScriptedToyPolicy()
     # 4 samples alternate right / slipped: two distinct trajectories, each kept once
-    recs = label_problem(policy, p, _cfg(tmp_path, k=0, samples=4).model_dump(mode="json"))
+    recs = label_problem(policy, p, _cfg(tmp_path, k=0, samples=4))
     assert policy.requests == 1  # the samples only: no completions of prefixes
     assert [r["sample"] for r in recs] == [0, 1] and all(r["n_samples"] == 2 for r in recs)
     good, bad = recs
@@ -133,8 +133,8 @@ def test_skip_after_zero_saves_completions(tmp_path):
             return out
 
     full, fast = Slipping(), Slipping()
-    a = label_problem(full, p, _cfg(tmp_path).model_dump(mode="json"))
-    b = label_problem(fast, p, _cfg(tmp_path, skip_after_zero=True).model_dump(mode="json"))
+    a = label_problem(full, p, _cfg(tmp_path))
+    b = label_problem(fast, p, _cfg(tmp_path, skip_after_zero=True))
     assert [r["soft"] for r in a] == [r["soft"] for r in b]
     assert b[1]["soft"][0] == 0.0
     assert fast.requests < full.requests

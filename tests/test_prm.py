@@ -272,7 +272,7 @@ def test_ray_actor_merges_concurrent_calls_into_one_batch(ray_cluster, qwen_prm)
     Actor = ray.remote(num_cpus=1)(PRMActor)
     a = Actor.remote(str(qwen_prm), format="qwen", engine="hf", max_batch=64, gather_ms=1000)
     try:
-        ray.get(a.ping.remote())
+        ray.get(a.ready.remote())
         calls = [[TRAJ[: 1 + i % 3], ["step %d\n\n" % i, "answer %d" % i]] for i in range(8)]
         refs = [a.score.remote(Q, c) for c in calls]
         results = ray.get(refs)

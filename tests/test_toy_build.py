@@ -58,7 +58,7 @@ def test_build_quick_end_to_end(ray_cluster, tmp_path, capsys):
 
 
 def test_choice_accuracy_counts_right_over_wrong_pairs_within_a_prefix_only():
-    from jobs.toy import choice_accuracy
+    from train.toy.evaluate import choice_accuracy
 
     # group 1: the right step (0.9) beats both wrong ones; group 2: one wrong step outranks the right one, one ties
     groups = [[(0.9, 1), (0.2, 0), (0.5, 0)], [(0.4, 1), (0.7, 0), (0.4, 0)], [(0.1, 1), (0.3, 1)]]

@@ -189,7 +189,7 @@ def worker_loop(config: dict) -> None:
     """The per-worker training function given to TorchTrainer."""
     import torch
 
-    cfg = TrainConfig.model_validate(config["train"])
+    cfg: TrainConfig = config["train"]
     task: TrainTask = config["task"]
     if not cfg.use_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -333,7 +333,7 @@ def fit(task: TrainTask, cfg: TrainConfig, desc: str = "train"):
 
     trainer = TorchTrainer(
         worker_loop,
-        train_loop_config={"train": cfg.model_dump(mode="json"), "task": task, "desc": desc},
+        train_loop_config={"train": cfg, "task": task, "desc": desc},
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.num_workers,

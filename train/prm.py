@@ -10,7 +10,7 @@ the training text, so training and scoring can never drift apart):
   a causal LM whose body (all `model.*` weights) starts the PRM; the toy build starts the PRM from the toy
   policy, which already reads the arithmetic.
 - `math-shepherd`: a causal LM; at each step tag ("ки") the logits of '+' and '-' are read AT the tag position
-  (where inference reads them; OpenR's training script is one position off: ALGORITHMS.md), and trained with
+  (where inference reads them; OpenR's training script is one position off: docs/algorithms.md), and trained with
   cross-entropy against (p, 1 - p) over the pair.
 
 Data: JSONL, one record per sampled trajectory: `question`, `steps` (as the policy wrote them, each ending in the

@@ -37,6 +37,17 @@ def torch_dtype(dtype: str | None):
     return "auto" if name == "auto" else getattr(torch, name)
 
 
+def encode_prompts(encode, prompts, max_model_len: int) -> list[list[int]]:
+    """Each request's prompt as token ids; an empty or too-long prompt fails naming the request."""
+    out = [encode(p) for p in prompts]
+    for i, p in enumerate(out):
+        if not p:
+            raise ValueError(f"request {i}: empty prompt")
+        if len(p) >= max_model_len:
+            raise ValueError(f"request {i}: prompt of {len(p)} tokens does not fit max_model_len={max_model_len}")
+    return out
+
+
 def load_tokenizer(path: str, trust_remote_code: bool = False):
     """The checkpoint's tokenizer, as saved.
 

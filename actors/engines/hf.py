@@ -27,7 +27,7 @@ import os
 import threading
 from typing import Sequence
 
-from actors.engines.base import load_tokenizer, torch_dtype
+from actors.engines.base import encode_prompts, load_tokenizer, torch_dtype
 from app.contracts import Completion, GenerationRequest, apply_stop
 from actors.engines.prefix_cache import PrefixKVCache, batch_from_hits, row_kv
 
@@ -118,12 +118,7 @@ class HFEngine:
     def generate(self, requests: Sequence[GenerationRequest]) -> list[list[Completion]]:
         """One list of `n` completions per request, in order; all rows decode in left-padded batches."""
         rows: list[tuple[int, int]] = [(i, k) for i, r in enumerate(requests) for k in range(r.n)]
-        prompts = [self.encode(r.prompt) for r in requests]
-        for i, p in enumerate(prompts):
-            if not p:
-                raise ValueError(f"request {i}: empty prompt")
-            if len(p) >= self.max_model_len:
-                raise ValueError(f"request {i}: prompt of {len(p)} tokens does not fit max_model_len={self.max_model_len}")
+        prompts = encode_prompts(self.encode, [r.prompt for r in requests], self.max_model_len)
         out: list[list[Completion | None]] = [[None] * r.n for r in requests]
         with self._lock:
             for lo in range(0, len(rows), self.max_batch_rows):

@@ -39,7 +39,7 @@ class Qwen2ForProcessRewardModel(Qwen2PreTrainedModel):
     ) -> TokenClassifierOutput:
         """step_labels: float [B, T], the soft label p in [0, 1] at step-tag positions and -1 elsewhere.
 
-        The loss is cross-entropy against (1 - p, p) at the tag positions only (DESIGN: corrections to issues 3/4).
+        The loss is cross-entropy against (1 - p, p) at the tag positions only (the soft MC label as target).
         """
         out = self.model(
             input_ids=input_ids,

@@ -30,7 +30,7 @@ import uuid
 from dataclasses import replace
 from typing import Any, Sequence
 
-from actors.engines.base import EngineUnavailable, import_vllm, load_tokenizer, vllm_available  # noqa: F401
+from actors.engines.base import EngineUnavailable, encode_prompts, import_vllm, load_tokenizer  # noqa: F401
 from app.contracts import Completion, GenerationRequest
 
 CPU_KV_CACHE_BYTES = 256 * 1024 * 1024
@@ -201,12 +201,7 @@ class VLLMEngine:
         return comps
 
     async def _generate(self, requests: Sequence[GenerationRequest]) -> list[list[Completion]]:
-        prompts = [self.encode(r.prompt) for r in requests]
-        for i, p in enumerate(prompts):
-            if not p:
-                raise ValueError(f"request {i}: empty prompt")
-            if len(p) >= self.max_model_len:
-                raise ValueError(f"request {i}: prompt of {len(p)} tokens does not fit max_model_len={self.max_model_len}")
+        prompts = encode_prompts(self.encode, [r.prompt for r in requests], self.max_model_len)
         return list(await asyncio.gather(*[self._one(r, p) for r, p in zip(requests, prompts)]))
 
     async def generate(self, requests: Sequence[GenerationRequest]) -> list[list[Completion]]:

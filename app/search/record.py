@@ -1,4 +1,4 @@
-"""One problem through one search method: the per-problem results record of DESIGN.md.
+"""One problem through one search method: the per-problem results record (docs/design.md, "Contracts").
 
     record = solve_problem(problem, "beam_search", {"n": 16, "beam_width": 4}, policy, prm)
 

@@ -16,8 +16,9 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from app.search.select import RULES
+
 SHARD_GLOB = "shard-*.jsonl"
-RULES = ("naive", "weighted", "maj")
 
 
 class ResultsWriter:

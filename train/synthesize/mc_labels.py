@@ -15,7 +15,7 @@ check a sum, which Monte-Carlo completions would take hours to label on a laptop
 Execution: the policy runs as a replica pool (`actors.policy.start_policy_pool`); each problem is one Ray task
 (`num_cpus=0`: it only waits on the pool) that sends its requests to `pool.client()` in two calls (the samples,
 then all prefixes at once, so the engines see big batches); the driver keeps at most `max_in_flight` tasks in
-flight (`ray.wait`) and shows a progress bar.
+flight (`app.fanout.windowed`) and shows a progress bar.
 
 Output: JSONL, append-only, one record per trajectory, all records of a problem written together::
 
@@ -37,8 +37,10 @@ from typing import Any, Literal, Sequence
 
 from pydantic import Field, model_validator
 
-from app.pool_config import PoolConfig
 from app.config import Config, ConfigError
+from app.fanout import windowed
+from app.grading import grade
+from app.pool_config import PoolConfig
 
 
 class MCLabelConfig(Config):
@@ -74,33 +76,10 @@ def _seed(*parts: Any) -> int:
     return int.from_bytes(hashlib.sha1(":".join(map(str, parts)).encode()).digest()[:4], "big") & 0x7FFFFFFF
 
 
-def _int(s: str) -> int | None:
-    s = s.strip().replace(",", "")
-    try:
-        return int(s)
-    except ValueError:
-        return None
-
-
-def is_correct(text: str, gold: str) -> bool:
-    """Exact for integers (the toy world), else `app.grading.grade` (math-verify, with its time limit)."""
-    from app.grading import extract_answer, grade
-
-    pred = extract_answer(text)
-    if pred is None:
-        return False
-    if pred.strip() == str(gold).strip():
-        return True
-    a, b = _int(pred), _int(str(gold))
-    if a is not None and b is not None:
-        return a == b
-    return grade(text, str(gold))
-
-
 def has_final_answer(text: str) -> bool:
     """Does a prefix already state its final answer (a complete \\boxed{} or "The answer is ...")? Stricter than
     `extract_answer`, which falls back to the last number of any text."""
-    from app.grading import last_boxed
+    from app.grading.extract import last_boxed
 
     return last_boxed(text) is not None or bool(re.search(r"[Tt]he (?:final )?answer is\s*\S", text))
 
@@ -113,12 +92,11 @@ def make_prompt(problem: dict, style: str) -> str:
     return problem["question"] + "\n\n"
 
 
-def label_problem(client, problem: dict, cfg: dict) -> list[dict]:
+def label_problem(client, problem: dict, c: MCLabelConfig) -> list[dict]:
     """Sample trajectories for one problem and label every step prefix. Runs inside a Ray task."""
     from app.contracts import GenerationRequest
     from app.search.tree import split_steps
 
-    c = MCLabelConfig.model_validate(cfg)
     prompt = make_prompt(problem, c.prompt)
     gold = problem["answer"]
     base = _seed(c.seed, problem["id"])
@@ -142,7 +120,7 @@ def label_problem(client, problem: dict, cfg: dict) -> list[dict]:
         reqs = [GenerationRequest(prompt + t, n=c.k, max_tokens=c.max_tokens, temperature=c.temperature,
                                   top_p=c.top_p, seed=_seed(base, t)) for t in keys]
         outs = client.generate(reqs) if reqs else []
-        labels = {t: sum(is_correct(t + o.text, gold) for o in group) / c.k for t, group in zip(keys, outs)}
+        labels = {t: sum(grade(t + o.text, gold) for o in group) / c.k for t, group in zip(keys, outs)}
     exact_fn = _exact_checker(problem)
     records = []
     for j, (comp, steps) in enumerate(zip(first, trajs)):
@@ -150,7 +128,7 @@ def label_problem(client, problem: dict, cfg: dict) -> list[dict]:
         for i in range(len(steps)):
             text = "".join(steps[: i + 1])
             if has_final_answer(text):
-                p = float(is_correct(text, gold))
+                p = float(grade(text, gold))
             elif zero and c.skip_after_zero:
                 p = 0.0
             else:
@@ -167,7 +145,7 @@ def _record(problem: dict, sample: int, n_samples: int, comp, steps: list[str], 
     """One output line (the layout in the module docstring); the hard label is 1 where any completion was right."""
     rec = dict(problem_id=problem["id"], question=problem["question"], answer=problem["answer"],
                level=problem.get("level"), sample=sample, n_samples=n_samples, steps=steps, soft=soft,
-               hard=[int(p > 0) for p in soft], k=k, correct=is_correct(comp.text, problem["answer"]),
+               hard=[int(p > 0) for p in soft], k=k, correct=grade(comp.text, problem["answer"]),
                finish_reason=comp.finish_reason)
     if exact is not None:
         rec["exact"] = exact
@@ -211,7 +189,7 @@ def _needed(keys, trajs, client, c, prompt, gold, base) -> dict:
             reqs = [GenerationRequest(prompt + t, n=c.k, max_tokens=c.max_tokens, temperature=c.temperature,
                                       top_p=c.top_p, seed=_seed(base, t)) for t in todo]
             for t, group in zip(todo, client.generate(reqs)):
-                table[t] = sum(is_correct(t + o.text, gold) for o in group) / c.k
+                table[t] = sum(grade(t + o.text, gold) for o in group) / c.k
         for j, steps in enumerate(trajs):
             if depth < len(steps):
                 t = "".join(steps[: depth + 1])
@@ -294,25 +272,17 @@ def run(cfg: MCLabelConfig, pool=None) -> dict:
     try:
         client = pool.client()
         task = ray.remote(num_cpus=0, max_retries=2)(label_problem)
-        cfg_d = cfg.model_dump(mode="json")
-        pending: dict = {}
-        todo = list(problems)
         bar = tqdm(total=len(problems), desc="mc labels", disable=not cfg.progress, dynamic_ncols=True, mininterval=2.0)
         with out.open("a") as f:
-            while todo or pending:
-                while todo and len(pending) < cfg.max_in_flight:
-                    p = todo.pop(0)
-                    pending[task.remote(client, p, cfg_d)] = p
-                ready, _ = ray.wait(list(pending), num_returns=1)
-                for ref in ready:
-                    pending.pop(ref)
-                    records = ray.get(ref)
-                    f.write("".join(json.dumps(r) + "\n" for r in records))
-                    f.flush()
-                    os.fsync(f.fileno())
-                    stats["trajectories"] += len(records)
-                    stats["steps"] += sum(len(r["steps"]) for r in records)
-                    bar.update(1)
+            for _, records, error in windowed(problems, lambda p: task.remote(client, p, cfg), cfg.max_in_flight):
+                if error is not None:
+                    raise error
+                f.write("".join(json.dumps(r) + "\n" for r in records))
+                f.flush()
+                os.fsync(f.fileno())
+                stats["trajectories"] += len(records)
+                stats["steps"] += sum(len(r["steps"]) for r in records)
+                bar.update(1)
         bar.close()
     finally:
         if own:
