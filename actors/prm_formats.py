@@ -137,8 +137,9 @@ class QwenPRMFormat(PRMFormat):
 class MathShepherdFormat(PRMFormat):
     """Math-Shepherd (peiyi9979/math-shepherd-mistral-7b-prm): a causal LM.
 
-    Text = question + " " + answer, where answer = the stripped steps joined by "\\n\\n", then every "\\n\\n"
-    becomes " ки\\n\\n" and " ки" ends it (the reference's layout, minus its empty trailing step). Tokenized with
+    Text = question + " " + answer, where answer = the stripped steps joined by "\\n\\n", in which every "\\n\\n"
+    becomes " ки\\n\\n" and " ки" ends it (the reference's layout, minus its empty trailing step). Only the answer
+    is tagged: a question with blank lines of its own keeps them untagged, as in the reference. Tokenized with
     the tokenizer's usual special tokens (BOS), as the reference does. Score = P('+') of the softmax over the
     '+' and '-' logits at each "ки" token. The tag id is the last token of "x ки" and the label ids the last
     tokens of "x +" / "x -" (with the leading space the model sees them with).
@@ -158,7 +159,8 @@ class MathShepherdFormat(PRMFormat):
 
     def render(self, question: str, steps: Sequence[str]) -> str:
         answer = "\n\n".join(self.strip(s) for s in steps)
-        return f"{question} {answer}".replace("\n\n", f" {self.STEP_TAG}\n\n") + f" {self.STEP_TAG}"
+        tagged = answer.replace("\n\n", f" {self.STEP_TAG}\n\n") + f" {self.STEP_TAG}"
+        return f"{question} {tagged}"
 
     def encode(self, question, steps, index=None):
         if not steps:

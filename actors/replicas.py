@@ -11,6 +11,7 @@ import asyncio
 import logging
 import os
 import random
+import re
 import threading
 import time
 from pathlib import Path
@@ -231,17 +232,38 @@ class ReplicaPool:
                 pass
 
 
-def check_model(model: str) -> str:
-    """Resolve `toy:` names; a name that looks like a local path must exist. Raises ConfigError (one line)."""
+# A name is a local path (and must exist) when it starts with ".", "/" or "~", has more than one "/", ends like a
+# checkpoint (checkpoint-500, global_step100, final, a weights file), or its first folder exists here ("models/x"
+# with a ./models folder). Anything else ("org/name", "name") is taken for a Hub id and not checked here.
+_CHECKPOINT_END = re.compile(
+    r"(^|/)((checkpoint|global_step|step|epoch)[-_]?\d+|final)$|\.(safetensors|bin|pt|pth|ckpt|gguf)$", re.IGNORECASE)
+
+
+def _looks_local(model: str) -> bool:
+    return (model.startswith((".", "/", "~")) or model.count("/") > 1 or bool(_CHECKPOINT_END.search(model))
+            or ("/" in model and Path(model.split("/", 1)[0]).is_dir()))
+
+
+def check_model(model: str, key: str = "model") -> str:
+    """Resolve `toy:` names; a name that is, or looks like, a local path must be a checkpoint folder (config.json).
+
+    Raises ConfigError (one line, naming `key`, e.g. "policy.model"). Hub ids (`org/name`) are returned unchecked:
+    there may be no hub access where the job starts."""
     from app.toy import resolve_model
 
     try:
         path = resolve_model(model)
     except FileNotFoundError as e:
-        raise ConfigError(str(e)) from None
-    looks_local = model.startswith(("toy:", "/", "./", "../", "~")) or Path(path).exists()
-    if looks_local and not (Path(path).expanduser() / "config.json").exists():
-        raise ConfigError(f"model {model!r}: no config.json at {path} (give a Hub name, a checkpoint folder or toy:NAME)")
+        raise ConfigError(f"{key}: {e}") from None
+    folder = Path(path).expanduser()
+    if not (model.startswith("toy:") or folder.exists() or _looks_local(model)):
+        return path
+    if not folder.exists():
+        raise ConfigError(f"{key}: {model!r} is a local path that does not exist (no config.json at {folder}); "
+                          "give a checkpoint folder, a Hub id ORG/NAME or toy:NAME")
+    if not (folder / "config.json").exists():
+        raise ConfigError(f"{key}: {model!r}: no config.json at {path} (give a Hub id ORG/NAME, a checkpoint "
+                          "folder or toy:NAME)")
     return path
 
 

@@ -1,7 +1,8 @@
 """Loading problems: local files (.jsonl, .json, .parquet), saved or local data set folders, Hub names, toy splits.
 
 Ids are stable across runs and shuffles, so sharded, append-only outputs resume correctly; the order of
-operations is shuffle, then limit, then shard, so the shards of one limited run cover it exactly.
+operations is shuffle, then limit, then shard, so the shards of one limited run cover it exactly. Ids are unique:
+a source that repeats one is refused (naming both records), and so is a source that holds no problems.
 """
 from __future__ import annotations
 
@@ -121,6 +122,35 @@ def _parse_shard(shard: tuple[int, int] | str | None) -> tuple[int, int] | None:
     return index, count
 
 
+def _where_pair(first: str, second: str) -> str:
+    """"f.jsonl line 2" and "f.jsonl line 7" -> "f.jsonl: line 2 and line 7"."""
+    head1, _, loc1 = first.rpartition(" ")
+    head1, _, kind1 = head1.rpartition(" ")
+    head2, _, loc2 = second.rpartition(" ")
+    head2, _, kind2 = head2.rpartition(" ")
+    if head1 and head1 == head2:
+        return f"{head1}: {kind1} {loc1} and {kind2} {loc2}"
+    return f"{first} and {second}"
+
+
+def _unique(problems: list[Problem], wheres: list[str]) -> None:
+    seen: dict[str, int] = {}
+    for i, p in enumerate(problems):
+        j = seen.setdefault(p.id, i)
+        if j != i:
+            raise ProblemFormatError(f"{_where_pair(wheres[j], wheres[i])}: the same problem id {p.id!r} twice; "
+                                     "every problem needs its own id (results are keyed by it)")
+
+
+def shard_problems(problems: list[Problem], shard: tuple[int, int] | str | None) -> list[Problem]:
+    """Every COUNT-th problem from INDEX (shard "INDEX/COUNT" or (index, count)); all of them for None."""
+    shard = _parse_shard(shard)
+    if shard is None:
+        return list(problems)
+    index, count = shard
+    return problems[index::count]
+
+
 def load_problems(
     source: str | Path,
     limit: int | None = None,
@@ -138,19 +168,23 @@ def load_problems(
     """
     if limit is not None and limit < 0:
         raise ConfigError(f"limit must be >= 0, got {limit}")
-    shard = _parse_shard(shard)
+    _parse_shard(shard)
     if str(source).startswith("toy:"):  # the toy world's generated splits: toy:train, toy:test
         from app.toy.world import load_toy
 
         problems = load_toy(str(source))
+        wheres = [f"{source} problem {i}" for i in range(len(problems))]
     else:
         records, name = _records(source, split, subset)
-        problems = [record_to_problem(rec, name, i, where) for i, (rec, where) in enumerate(records)]
+        problems, wheres = [], []
+        for i, (rec, where) in enumerate(records):
+            problems.append(record_to_problem(rec, name, i, where))
+            wheres.append(where)
+    if not problems:
+        raise ProblemFormatError(f"{source}: holds no problems{f' (split {split})' if split else ''}")
+    _unique(problems, wheres)
     if shuffle_seed is not None:
         random.Random(shuffle_seed).shuffle(problems)
     if limit is not None:
         problems = problems[:limit]
-    if shard is not None:
-        index, count = shard
-        problems = problems[index::count]
-    return problems
+    return shard_problems(problems, shard)

@@ -1,8 +1,11 @@
 """`ponder report RESULTS_DIR [--by-level] [--json]`: print a search run's accuracy table again.
 
-Reads every shard under the directory (each problem once) and prints accuracy per selection rule (naive, weighted,
-maj) and n, and the mean compute per problem (tokens, FLOPs, seconds); --by-level adds one table per difficulty
-level; --json prints the summary as one JSON object instead.
+Reads every shard under the directory (each problem once), the run's problem list (problems.json, written when the
+run starts) and its failures (failures.jsonl), and prints "solved k of K, f failed, m missing" (solved: the
+problem has a record, right or wrong), the accuracy per selection rule (naive, weighted, maj) and n over all K
+problems (a failed or missing one is wrong), and the mean compute per solved problem (tokens, FLOPs, seconds);
+--by-level adds one table per difficulty level; --json prints the summary as one JSON object instead, with the
+same counts (problems = K, solved, failed, missing).
 """
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ from jobs.common import user_errors
 
 @user_errors
 def main(argv: Sequence[str] | None = None) -> int:
-    from app.search.results import format_report, read_records, shard_files, summarize
+    from app.search.results import format_report, read_run, summarize
 
     p = argparse.ArgumentParser(prog="ponder report", description="Print the accuracy table of a search run.")
     p.add_argument("results", nargs="+", help="output directories of search runs")
@@ -28,17 +31,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     for i, d in enumerate(args.results):
         if not Path(d).is_dir():
             raise FileNotFoundError(f"no results directory {d}")
-        if not shard_files(d):
-            raise FileNotFoundError(f"{d} holds no result shards (shard-*.jsonl)")
-        records = read_records(d)
+        records, expected, failed = read_run(d)
+        if not records and expected is None and not failed:
+            raise FileNotFoundError(f"{d} holds no result shards (shard-*.jsonl) and no problems.json")
         if args.json:
-            s = summarize(records)
+            s = summarize(records, expected, failed)
             s["accuracy"] = {rule: {str(n): a for n, a in by_n.items()} for rule, by_n in s["accuracy"].items()}
             summaries[d] = s
         else:
             if i:
                 print()
-            print(format_report(records, by_level=args.by_level, title=d))
+            print(format_report(records, by_level=args.by_level, title=d, expected=expected, failed=failed))
     if args.json:
         print(json.dumps(summaries if len(summaries) > 1 else next(iter(summaries.values())), sort_keys=True))
     return 0

@@ -1,10 +1,12 @@
 """`ponder search --config RECIPE [key=value ...]` (= `python -m jobs.search`): solve a data set with a search method.
 
 The recipe (`app.search.recipe.SearchRecipe`, e.g. configs/toy/beam_search.yaml) is validated whole before Ray
-starts. The job starts the policy (and PRM) pools, hands them to the search driver (`app.search.driver`: one Ray
-task per problem in a bounded window, each record written as it arrives), and prints the accuracy table per
-selection rule and n, with compute per problem. Started again with the same recipe, it skips the problems
-already written (a killed run resumes); with nothing left to do it starts no pools.
+starts, and so are its inputs: the problems (none, or an id twice, is an error), the model paths, and the prompt
+of the first problem (a chat template the tokenizer lacks). The job then starts the policy (and PRM) pools, hands
+them to the search driver (`app.search.driver`: a bounded window of Ray tasks, each record written as it arrives),
+and prints how many problems it solved, failed and missed, and the accuracy table per selection rule and n over
+all of them, with compute per problem. Started again with the same recipe, it skips the problems already written
+(a killed run resumes) and retries the failed ones; with nothing left to do it starts no pools.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from typing import Sequence
 
 from actors.engines.base import load_tokenizer
 from actors.pools import start_pools
-from app.datasets import load_problems
+from actors.replicas import check_model
 from app.search import driver
 from app.search.recipe import SearchRecipe
 from app.toy import resolve_model
@@ -32,19 +34,30 @@ def prompt_tokenizer(recipe: SearchRecipe):
     return load_tokenizer(resolve_model(name)) if name else None
 
 
+def check_models(recipe: SearchRecipe) -> None:
+    """A model path that does not exist is one line naming its key, before Ray starts (Hub ids are not checked)."""
+    names = [("policy.model", recipe.policy.model)]
+    if recipe.search.needs_prm and recipe.prm is not None and recipe.prm.format != "toy-checker":
+        names.append(("prm.model", recipe.prm.model))
+    if recipe.prompt.tokenizer and recipe.tokenizer_name:
+        names.append(("prompt.tokenizer", recipe.prompt.tokenizer))
+    for key, name in names:
+        check_model(name, key)
+
+
 def run(recipe: SearchRecipe, out=None) -> int:
     out = out or sys.stdout
     policy_cfg, prm_cfg = pool_configs(recipe)
-    d = recipe.data
-    problems = load_problems(d.source, limit=d.limit, shuffle_seed=d.shuffle_seed, shard=d.shard, split=d.split,
-                             subset=d.subset)
-    todo = driver.pending(recipe, problems)
-    print(f"search: {recipe.method} on {len(problems)} problems from {d.source}; {len(problems) - len(todo)} "
+    check_models(recipe)
+    problems, everything = driver.load(recipe)
+    todo = driver.pending(recipe, problems, everything)
+    print(f"search: {recipe.method} on {len(problems)} problems from {recipe.data.source}; {len(problems) - len(todo)} "
           f"already in {recipe.output_dir}, {len(todo)} to solve", file=out, flush=True)
     failures: list = []
     if todo:
-        init_ray(recipe.num_cpus)
         tokenizer = prompt_tokenizer(recipe)
+        driver.make_prompt(todo[0], recipe, tokenizer)  # a template the tokenizer cannot render fails here, not in Ray
+        init_ray(recipe.num_cpus)
         pools = start_pools(policy_cfg, prm_cfg)
         try:
             failures = driver.solve_all(recipe, todo, pools, tokenizer)

@@ -186,6 +186,20 @@ def test_math_shepherd_matches_hand_computation(shepherd_prm):
     assert _in_unit([got]) and max(got) - min(got) > 1e-3
 
 
+def test_math_shepherd_tags_only_the_answer(shepherd_prm):
+    """A question with blank lines of its own: the reference tags only the answer, so one score per step."""
+    tok, fmt, eng = _load(shepherd_prm, "math-shepherd")
+    q = "Let x = 12.\n\nWhat is x + 30?"
+    text = f"{q} 12 + 30 = 42. ки\n\nSo the answer is 42. ки\n\nThe answer is \\boxed{{42}} ки"
+    assert fmt.render(q, TRAJ) == text
+    got = _score(fmt, eng, q, [TRAJ])[0]
+    ids = torch.tensor([tok.encode(text)])
+    logits = eng.model(input_ids=ids).logits[0]
+    plus, minus = tok.convert_tokens_to_ids("+"), tok.convert_tokens_to_ids("-")
+    expected = logits[ids[0] == fmt.step_tag_id][:, [plus, minus]].softmax(-1)[:, 0].tolist()
+    assert len(got) == 3 and got == pytest.approx(expected, abs=1e-5)
+
+
 def test_rlhflow_matches_reference_minus_three(rlhflow_prm):
     tok, fmt, eng = _load(rlhflow_prm, "rlhflow")
     got = _score(fmt, eng, Q, [TRAJ])[0]
@@ -262,6 +276,53 @@ def test_actor_in_process_returns_scores_and_tokens(qwen_prm):
     assert r.tokens == sum(len(actor.fmt.encode(Q, t).input_ids) for t in [TRAJ, TRAJ[:1]])
     with pytest.raises(ValueError, match="vLLM PRM engine serves the Qwen PRM layout only"):
         PRMActor(str(qwen_prm), format="math-shepherd", engine="vllm")
+
+
+class EngineReward:
+    """A RewardHandle in this process: a PRM format and the HF PRM engine (what the PRM actor wraps)."""
+
+    def __init__(self, fmt, engine):
+        from app.contracts import Usage
+
+        self.fmt, self.engine, self.usage, self.calls = fmt, engine, Usage(), []
+
+    def score(self, question, trajectories):
+        enc = [self.fmt.encode(question, t, i) for i, t in enumerate(trajectories)]
+        self.calls.append([list(t) for t in trajectories])
+        self.usage.add_scoring(sum(len(e.input_ids) for e in enc), self.engine.num_parameters)
+        return self.engine.score(enc)
+
+
+@pytest.mark.parametrize("method", ["beam_search", "dvts"])
+def test_math_shepherd_prm_scores_stepwise_search_through_the_last_iteration(method, shepherd_prm):
+    """Beam search and DVTS with a Math-Shepherd PRM, on questions with blank lines: the last iteration (no stop
+    string) yields several steps in one completion, and every real step gets its own score, without an error."""
+    from app.search.record import solve_problem
+    from app.search.tree import split_steps
+    from tests.scripted import ScriptedPolicy, simple_extract, simple_grade
+
+    def script(state):
+        d = state.count("\n\n")
+        return [f"Step {d}: add {k}.\n\n" for k in range(2)] if d < 3 else ["So \\boxed{42}", "So \\boxed{41}"]
+
+    _, fmt, eng = _load(shepherd_prm, "math-shepherd")
+    questions = {"q1": "Let x = 12.\n\nWhat is x + 30?", "q2": "A pen costs 3.\n\nA book costs 39.\n\nBoth?"}
+    for pid, q in questions.items():
+        policy, prm = ScriptedPolicy(script, marker="Answer:\n\n"), EngineReward(fmt, eng)
+        rec = solve_problem(
+            {"id": pid, "question": q, "answer": "42"}, method, {"n": 4, "beam_width": 2, "num_iterations": 2}, policy,
+            prm, prompt=f"Question: {q}\n\nAnswer:\n\n", extract_fn=simple_extract, grade_fn=simple_grade,
+        )
+        assert policy.log[-1][2] == ()  # the last iteration ran without a stop string ...
+        trajs = rec["trajectories"]
+        assert len(trajs) == 4 and all(len(t["steps"]) == 4 for t in trajs)  # ... and gave 3 steps after the first
+        for t in trajs:
+            assert t["steps"] == split_steps("".join(t["steps"])) and t["finished"] and t["answer"] in {"41", "42"}
+            assert len(t["scores"]) == len(t["steps"])
+            assert t["scores"] == pytest.approx(eng.score([fmt.encode(q, t["steps"])])[0], abs=1e-5)
+            assert _in_unit([t["scores"]])
+        assert all(s.count("\n\n") <= int(s.endswith("\n\n")) for call in prm.calls for p in call for s in p)
+        assert rec["selection"]["naive"]["4"]["answer"] in {"41", "42"} and rec["compute"]["prm_tokens"] > 0
 
 
 # ---------------------------------------------------------------------------------------------------- Ray actor

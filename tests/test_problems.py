@@ -193,3 +193,27 @@ def test_prompt_errors(chat_tokenizer):
         build_prompt(p, None, template="qwen-math")
     with pytest.raises(ConfigError, match="unknown prompt template 'alpaca'"):
         build_prompt(p, chat_tokenizer, template="alpaca")
+
+
+def test_duplicate_ids_are_refused_naming_file_id_and_both_records(tmp_path):
+    rows = [dict(MATH_ROWS[0]), dict(MATH_ROWS[1]), dict(MATH_ROWS[2], unique_id=MATH_ROWS[0]["unique_id"])]
+    path = write_jsonl(tmp_path / "dup.jsonl", rows)
+    with pytest.raises(ProblemFormatError) as e:
+        load_problems(path)
+    msg = str(e.value)
+    assert str(path) in msg and repr(MATH_ROWS[0]["unique_id"]) in msg and "line 1" in msg and "line 3" in msg
+    assert "\n" not in msg
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "dup.parquet")
+    with pytest.raises(ProblemFormatError, match=r"dup\.parquet.*row 0.*row 2"):
+        load_problems(tmp_path / "dup.parquet")
+
+
+def test_empty_file_is_an_error(tmp_path):
+    for name, text in [("empty.jsonl", "\n\n"), ("empty.json", "[]")]:
+        (tmp_path / name).write_text(text)
+        with pytest.raises(ProblemFormatError, match=f"{name}.*no problems"):
+            load_problems(tmp_path / name)

@@ -149,3 +149,213 @@ def test_search_config_defaults_and_method_sections():
     assert "limit" not in cfg.identity()["data"]  # a run may grow or be sharded into the same directory
     checker = load_config(job.Config, "toy/dvts", ["search.n=32", "prm.format=toy-checker"])
     assert checker.identity()["prm_model"] == "toy-checker" != cfg.identity()["prm_model"]
+
+
+# ------------------------------------------------------------------ every problem of the data set in the denominator
+
+
+def summary_of(out_dir, capsys) -> dict:
+    capsys.readouterr()
+    assert report.main([str(out_dir), "--json"]) == 0
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_report_of_a_killed_run_counts_missing_problems_wrong(ray_cluster, tmp_path, scripted_pools, capsys):
+    recipe, out = write_recipe(tmp_path, "best_of_n", {"n": 4})
+    assert job.main(["--config", str(recipe)]) == 0
+    # "killed halfway": only the first 3 of the 6 records reached the shard, the 4th was cut mid-line
+    [shard] = sorted(out.glob("shard-*.jsonl"))
+    kept = shard.read_text().splitlines()[:3]
+    shard.write_text("\n".join(kept) + '\n{"id": "q5", "tra')
+    recs = lines(out)
+    correct = sum(r["selection"]["maj"]["4"]["correct"] for r in recs)
+
+    capsys.readouterr()
+    assert report.main([str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "solved 3 of 6, 0 failed, 3 missing" in text
+    assert text.index("solved 3 of 6") < text.index("naive")  # above the table
+    s = summary_of(out, capsys)
+    assert (s["problems"], s["solved"], s["failed"], s["missing"]) == (6, 3, 0, 3)
+    assert s["accuracy"]["maj"]["4"] == pytest.approx(correct / 6)  # not correct / 3
+
+    # the search job's own table counts them too, and a rerun solves the missing three
+    capsys.readouterr()
+    assert job.main(["--config", str(recipe)]) == 0
+    text = capsys.readouterr().out
+    assert "3 to solve" in text and "solved 6 of 6, 0 failed, 0 missing" in text
+
+
+def test_report_of_a_sharded_run_counts_the_shards_not_yet_run(ray_cluster, tmp_path, scripted_pools, capsys):
+    recipe, out = write_recipe(tmp_path, "best_of_n", {"n": 4})
+    assert job.main(["--config", str(recipe), "data.shard=0/2"]) == 0
+    assert "solved 3 of 3, 0 failed, 0 missing" in capsys.readouterr().out  # the job's own table: its shard
+    s = summary_of(out, capsys)  # the directory's: the whole run
+    assert (s["problems"], s["solved"], s["failed"], s["missing"]) == (6, 3, 0, 3)
+    assert job.main(["--config", str(recipe), "data.shard=1/2"]) == 0
+    s = summary_of(out, capsys)
+    assert (s["problems"], s["solved"], s["failed"], s["missing"]) == (6, 6, 0, 0)
+    assert json.loads((out / "problems.json").read_text())["count"] == 6
+
+
+class FailingPolicy(ScriptedPolicy):
+    """A scripted policy that raises on one question while the flag file exists (a problem that fails)."""
+
+    def __init__(self, *args, flag: str, poison: str, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.flag, self.poison = flag, poison
+
+    def generate(self, requests):
+        import os
+
+        if os.path.exists(self.flag) and any(self.poison in r.prompt for r in requests):
+            raise RuntimeError(f"scripted failure on {self.poison!r}")
+        return super().generate(requests)
+
+
+def test_failed_problems_are_recorded_counted_wrong_and_cleared(ray_cluster, tmp_path, monkeypatch, capsys):
+    flag = tmp_path / "fail.flag"
+    flag.write_text("")
+
+    def start_pools(policy_cfg, prm_cfg):
+        policy = ScriptedPool(functools.partial(FailingPolicy, world, marker="Answer:\n\n", flag=str(flag),
+                                                poison="What is 4 + 0?"))
+        return Pools(policy, ScriptedPool(functools.partial(ScriptedPRM, world_prm)))
+
+    monkeypatch.setattr(job, "start_pools", start_pools)
+    monkeypatch.setattr(job, "pool_configs", lambda cfg: (None, None))
+    recipe, out = write_recipe(tmp_path, "best_of_n", {"n": 4})
+    assert job.main(["--config", str(recipe)]) == 1
+    text = capsys.readouterr().out
+    assert "solved 5 of 6, 1 failed, 0 missing" in text and "q4: " in text and "scripted failure" in text
+    fails = [json.loads(x) for x in (out / "failures.jsonl").read_text().splitlines()]
+    assert [f["id"] for f in fails] == ["q4"] and "scripted failure" in fails[0]["error"]
+    assert "\n" not in fails[0]["error"]
+    s = summary_of(out, capsys)
+    assert (s["problems"], s["solved"], s["failed"], s["missing"]) == (6, 5, 1, 0)
+
+    flag.unlink()  # the cause is gone: the rerun solves it, and the failure is cleared
+    assert job.main(["--config", str(recipe)]) == 0
+    assert "solved 6 of 6, 0 failed, 0 missing" in capsys.readouterr().out
+    assert "q4" not in (out / "failures.jsonl").read_text()
+    s = summary_of(out, capsys)
+    assert (s["problems"], s["solved"], s["failed"], s["missing"]) == (6, 6, 0, 0)
+
+
+# ------------------------------------------------------------------ bad input: one line, exit 2, before Ray starts
+
+
+@pytest.fixture
+def no_ray(monkeypatch, scripted_pools):
+    """Fails the test if the job starts Ray or the pools."""
+    calls = []
+    monkeypatch.setattr(job, "init_ray", lambda *a, **k: calls.append("init_ray"))
+    yield calls
+    assert calls == [] and scripted_pools == []
+
+
+def test_empty_problem_set_is_an_error(tmp_path, no_ray, capsys):
+    recipe, out = write_recipe(tmp_path, "best_of_n", {"n": 4})
+    assert job.main(["--config", str(recipe), "data.limit=0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "no problems" in err and "data.limit" in err
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    assert job.main(["--config", str(recipe), f"data.source={empty}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "no problems" in err and str(empty) in err
+
+
+def test_duplicate_problem_ids_are_refused(tmp_path, no_ray, capsys):
+    recipe, _ = write_recipe(tmp_path, "best_of_n", {"n": 4})
+    data = tmp_path / "problems.jsonl"
+    rows = data.read_text().splitlines()
+    data.write_text("\n".join(rows + [rows[1]]) + "\n")  # q1 again on line 7
+    assert job.main(["--config", str(recipe)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and str(data) in err and "'q1'" in err and "line 2" in err and "line 7" in err
+
+
+def test_prompt_template_is_tried_before_ray_starts(tmp_path, no_ray, capsys):
+    recipe, _ = write_recipe(tmp_path, "best_of_n", {"n": 4})
+    # the toy tokenizer has no chat template
+    assert job.main(["--config", str(recipe), "prompt.template=qwen-math", "prompt.tokenizer=toy:policy"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "chat template" in err
+
+
+@pytest.mark.parametrize("model", ["./models/x", "models/llama/x", "runs/checkpoint-500", "~/nowhere/x"])
+def test_missing_local_model_path_names_the_key_before_ray(tmp_path, no_ray, capsys, model):
+    recipe, _ = write_recipe(tmp_path, "best_of_n", {"n": 4})
+    assert job.main(["--config", str(recipe), f"policy.model={model}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "policy.model" in err and model in err
+
+
+def test_check_model_tells_local_paths_from_hub_ids(tmp_path, monkeypatch):
+    from actors.replicas import check_model
+    from app.config import ConfigError
+
+    monkeypatch.chdir(tmp_path)
+    for hub in ["Qwen/Qwen2.5-Math-1.5B-Instruct", "meta-llama/Llama-3.2-1B-Instruct", "gpt2"]:
+        assert check_model(hub, "policy.model") == hub  # not checked: no hub access here
+    (tmp_path / "models").mkdir()
+    for local in ["./models/x", "../x", "/no/such/dir", "~/no/such", "runs/sft/final", "out/checkpoint-500",
+                  "models/x", "weights/model.safetensors"]:
+        with pytest.raises(ConfigError, match=r"prm\.model") as e:
+            check_model(local, "prm.model")
+        assert local in str(e.value) and "\n" not in str(e.value)
+    ckpt = tmp_path / "models" / "x"
+    ckpt.mkdir()
+    with pytest.raises(ConfigError, match="no config.json"):
+        check_model("models/x", "policy.model")
+    (ckpt / "config.json").write_text("{}")
+    assert check_model("models/x", "policy.model") == "models/x"
+    assert check_model("toy:policy").endswith("checkpoints/policy")
+
+
+# ------------------------------------------------------------------ DVTS: the window counts tasks, not problems
+
+
+class TaskCounter:
+    """Stands in for the driver's Ray remote functions: counts the tasks not yet finished at each submission."""
+
+    def __init__(self, fn, log: dict):
+        self.fn, self.log = fn, log
+
+    def options(self, **kwargs):
+        return TaskCounter(self.fn.options(**kwargs), self.log)
+
+    def remote(self, *args):
+        import ray
+
+        ref = self.fn.remote(*args)
+        refs = self.log.setdefault("refs", [])
+        refs.append(ref)
+        _, unfinished = ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=False)
+        self.log["max"] = max(self.log.get("max", 0), len(unfinished))
+        return ref
+
+
+def strip_timing(rec: dict) -> dict:
+    rec = json.loads(json.dumps(rec))
+    for k in ("seconds", "task_seconds"):
+        rec["compute"].pop(k, None)
+    return rec
+
+
+def test_dvts_window_bounds_tasks_not_problems(ray_cluster, tmp_path, scripted_pools, monkeypatch):
+    from app.search import driver
+
+    tasks = driver._tasks()
+    records = {}
+    for window in (3, 1):
+        log: dict = {}
+        monkeypatch.setattr(driver, "_TASKS", {k: TaskCounter(f, log) for k, f in tasks.items()})
+        (tmp_path / f"w{window}").mkdir()
+        recipe, out = write_recipe(tmp_path / f"w{window}", "dvts", {"n": 16, "beam_width": 2}, n_problems=3)
+        assert job.main(["--config", str(recipe), f"max_in_flight={window}"]) == 0
+        # a problem is one task, its 8 subtrees run inside it: 3 tasks, never more than `window` at once
+        assert len(log["refs"]) == 3 and log["max"] <= window, log["max"]
+        records[window] = {r["id"]: strip_timing(r) for r in lines(out)}
+    assert records[3] == records[1] and len(records[3]) == 3  # the same seeds give the same records

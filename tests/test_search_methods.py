@@ -23,8 +23,8 @@ from app.search.results import (
     summarize,
     write_run_config,
 )
-from app.search.record import solve_problem
-from app.search.tree import Node, Step
+from app.search.record import solve_part, solve_problem
+from app.search.tree import Node, Step, split_steps
 from tests.scripted import ScriptedPolicy, ScriptedPRM, simple_extract, simple_grade
 
 P = "Problem: 1+1?\n"
@@ -202,12 +202,70 @@ def test_beam_search_lookahead_is_scored_unless_quirk():
 
 
 def test_beam_search_token_budget_is_the_whole_trajectory():
+    # max_total_tokens (ponder's optional whole-trajectory bound; max_tokens is per step call)
     script = {"": ["w w\n\n"], "w w\n\n": ["x x\n\n"]}
-    cfg = BeamSearchConfig(n=1, beam_width=1, num_iterations=10, max_tokens=3)
+    cfg = BeamSearchConfig(n=1, beam_width=1, num_iterations=10, max_total_tokens=3)
     policy = ScriptedPolicy(script, prefix=P)
     out = beam_search.solve(P, Q, policy, ScriptedPRM(), cfg)
     assert [r.max_tokens for call in policy.calls for r in call] == [3, 1]
     assert out[0].tokens == 3 and out[0].finish_reason == "length" and not out[0].finished
+
+
+STEPS_SCRIPT = {"": ["w w\n\n"], "w w\n\n": ["x x\n\n"], "w w\n\nx x\n\n": ["so \\boxed{4}"]}
+
+
+@pytest.mark.parametrize("method", ["beam_search", "dvts"])
+def test_max_tokens_is_the_limit_of_each_step_call(method):
+    """search-and-learn gives every step call the full max_tokens (depth: num_iterations); max_total_tokens is
+    ponder's optional whole-trajectory bound."""
+    cfg = method_config(method, {"n": 1, "beam_width": 1, "num_iterations": 10, "max_tokens": 3})
+    assert cfg.max_total_tokens is None
+    policy = ScriptedPolicy(STEPS_SCRIPT, prefix=P)
+    [out] = get_method(method).solve(P, Q, policy, ScriptedPRM(), cfg)
+    assert [r.max_tokens for call in policy.calls for r in call] == [3, 3, 3]
+    assert out.text == "w w\n\nx x\n\nso \\boxed{4}" and out.finished and out.tokens == 6 > cfg.max_tokens
+    # a binding max_total_tokens: each call gets at most what is left, and the path is cut before the answer
+    policy = ScriptedPolicy(STEPS_SCRIPT, prefix=P)
+    [out] = get_method(method).solve(P, Q, policy, ScriptedPRM(), cfg.model_copy(update={"max_total_tokens": 5}))
+    assert [r.max_tokens for call in policy.calls for r in call] == [3, 3, 1]
+    assert out.text == "w w\n\nx x\n\nso" and out.tokens == 5 and out.finish_reason == "length" and not out.finished
+
+
+@pytest.mark.parametrize("method", ["beam_search", "dvts"])
+def test_eos_at_the_token_limit_is_finished(method):
+    solve = get_method(method).solve
+    # EOS on exactly the step call's max_tokens-th token: finished (the engines check EOS before length)
+    policy = ScriptedPolicy({"": ["a b"]}, prefix=P)
+    [out] = solve(P, Q, policy, ScriptedPRM(), method_config(method, {"n": 1, "beam_width": 1, "max_tokens": 2}))
+    assert (out.finish_reason, out.tokens, out.finished) == ("eos", 2, True)
+    # EOS on exactly the token that spends max_total_tokens: finished
+    policy = ScriptedPolicy({"": ["w w\n\n"], "w w\n\n": ["end"]}, prefix=P)
+    [out] = solve(P, Q, policy, ScriptedPRM(), method_config(method, {"n": 1, "beam_width": 1, "max_total_tokens": 3}))
+    assert [r.max_tokens for call in policy.calls for r in call] == [3, 1]
+    assert (out.finish_reason, out.tokens, out.finished) == ("eos", 3, True)
+    # cut by the limit: unfinished
+    policy = ScriptedPolicy({"": ["a b c"]}, prefix=P)
+    [out] = solve(P, Q, policy, ScriptedPRM(), method_config(method, {"n": 1, "beam_width": 1, "max_tokens": 2}))
+    assert (out.finish_reason, out.tokens, out.finished) == ("length", 2, False)
+
+
+LAST_SCRIPT = {"": ["a\n\n"], "a\n\n": ["b\n\n"], "a\n\nb\n\n": ["c\n\n"], "a\n\nb\n\nc\n\n": ["end \\boxed{1}"]}
+LAST_SCORES = {"a": 0.1, "b": 0.2, "c": 0.3, "end \\boxed{1}": 0.9}
+
+
+@pytest.mark.parametrize("method", ["beam_search", "dvts"])
+def test_last_iteration_is_split_into_steps_before_it_is_scored(method):
+    """The last iteration runs to EOS without a stop string: its text holds several steps, each scored."""
+    policy, prm = ScriptedPolicy(LAST_SCRIPT, prefix=P), ScriptedPRM(LAST_SCORES)
+    cfg = {"n": 2, "beam_width": 2, "num_iterations": 2, "agg_strategy": "min"}
+    rec = run(Prob("l", "1"), method, cfg, policy, prm)
+    assert policy.log[-1][2] == ()  # the last iteration: no stop string
+    steps = ["a\n\n", "b\n\n", "c\n\n", "end \\boxed{1}"]
+    assert prm.calls[-1] == [steps, steps]  # scored step by step, as search-and-learn re-splits the text
+    for t in rec["trajectories"]:
+        assert t["steps"] == steps == split_steps("".join(steps))
+        assert t["scores"] == [0.1, 0.2, 0.3, 0.9] and t["finished"] and t["tokens"] == 5 and t["answer"] == "1"
+    assert rec["selection"]["naive"]["2"]["correct"]
 
 
 # ---------------------------------------------------------------- DVTS
@@ -239,6 +297,12 @@ def test_dvts_subtrees_in_contiguous_groups_of_m():
     assert [t.text for t in alone] == [t.text for t in out[4:]] and all(t.group == 1 for t in alone)
     with pytest.raises(ValueError, match="out of range"):
         dvts.solve_subtree(P, Q, policy, ScriptedPRM(DVTS_SCORES), cfg, 2)
+    # the same through solve_part with a problem id: the part (a Ray task) draws the numbers it draws in the whole
+    whole = solve_part(P, Q, "dvts", cfg, ScriptedPolicy(DVTS_SCRIPT, prefix=P, mode="seed"), ScriptedPRM(DVTS_SCORES),
+                       None, problem_id="x")
+    part = solve_part(P, Q, "dvts", cfg, ScriptedPolicy(DVTS_SCRIPT, prefix=P, mode="seed"), ScriptedPRM(DVTS_SCORES),
+                      1, problem_id="x")
+    assert part["trajectories"] == whole["trajectories"][4:]
 
 
 def test_dvts_record_reports_whole_subtrees_only():
@@ -372,6 +436,35 @@ def test_every_method_gives_a_record(method, cfg):
     assert rec["selection"]["maj"]
     assert str(N) in rec["selection"]["maj"]
     assert rec["compute"]["generated_tokens"] == policy.usage.generated_tokens > 0
+
+
+@pytest.mark.parametrize("method,cfg", [
+    ("greedy", {}),
+    ("majority", {"n": 4}),
+    ("best_of_n", {"n": 4}),
+    ("beam_search", {"n": 4, "beam_width": 2}),
+    ("dvts", {"n": 4, "beam_width": 2}),
+    ("rebase", {"width": 4}),
+    ("mcts", {"num_sequence": 4, "tree_max_width": 2}),
+])
+def test_request_seeds_depend_on_the_problem(method, cfg):
+    def seeds(problem_id, question=Q, part=None):
+        policy = ScriptedPolicy(world, prefix=P)  # cycle mode: the same search whatever the seeds
+        solve_part(P, question, method, cfg, policy, ScriptedPRM(world_prm), part, problem_id=problem_id)
+        return [r.seed for call in policy.calls for r in call]
+
+    a, b = seeds("p1"), seeds("p2")
+    assert a and None not in a and len(a) == len(b)
+    assert seeds("p1") == a  # the same problem draws the same numbers
+    assert set(a).isdisjoint(b)  # another problem, other numbers
+    # without an id the question text keys them
+    assert seeds(None) == seeds(None) and set(seeds(None)).isdisjoint(seeds(None, "2+2?"))
+    # solve_problem passes the problem's id
+    policy = ScriptedPolicy(world, prefix=P)
+    run(Prob("p1", "1"), method, cfg, policy, ScriptedPRM(world_prm))
+    assert [r.seed for call in policy.calls for r in call] == a
+    if method == "dvts":  # a subtree run as its own part draws what it draws within the whole problem
+        assert set(seeds("p1", part=1)) <= set(a) and set(seeds("p1", part=1)).isdisjoint(seeds("p2", part=1))
 
 
 # ---------------------------------------------------------------- results I/O and resume

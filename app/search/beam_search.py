@@ -3,7 +3,8 @@
     active = [root]                                   # n copies of the empty solution
     for it in range(num_iterations):
         beams = tile(active, n)                       # survivors repeated up to n: each gets about M copies
-        for b in beams: b += sample_one_step(b)       # stop on the delimiter; last iteration: run to EOS
+        for b in beams: b += sample_one_step(b)       # stop on the delimiter; last iteration: run to EOS (split
+                                                      #   into the steps it holds)
                         (+ `lookahead` greedy steps, scored, not kept)
         completed += [b for b in beams if ended(b)]   # EOS, length or an empty step
         scores = PRM(question, b) for b in beams
@@ -14,13 +15,17 @@
     out = completed[:n]  (or the n best with sort_completed), repeated up to n if fewer
 
 Defaults as search-and-learn: n=4, beam_width M=4, num_iterations 40, lookahead 0, temperature 0.8, top_p 1.0,
-max_tokens 2048, agg_strategy last, filter_duplicates false, sort_completed false, seed 42; n % M == 0.
+max_tokens 2048 (per step call, as theirs), agg_strategy last, filter_duplicates false, sort_completed false, seed 42;
+n % M == 0.
 
 ponder differs on purpose:
 - lookahead text is scored (the beam's steps plus its lookahead steps; the reference generates it and scores only
   the beam's own text: `quirk_unscored_lookahead: true`). The kept per-step scores are the beam's own steps'.
-- max_tokens bounds the whole trajectory (each request gets what is left), and tokens are counted (the reference
-  reports 0); a beam whose budget is spent is completed, unfinished.
+- tokens are counted (the reference reports 0); the optional `max_total_tokens` (off by default) bounds a whole
+  beam's generated tokens: each step call gets at most what is left, and a beam whose bound is spent is completed,
+  unfinished. A beam that ends at EOS is finished whatever its length.
+- the last iteration's completion (no stop string) is split into the steps it holds before it is scored and kept,
+  as the reference re-splits texts on the delimiter before scoring (one score per real step).
 - ties in the top-n/M cut go to the earlier beam (the reference's argsort picks arbitrarily).
 - a text that ends in the delimiter has no empty trailing step to score.
 Survivors keep the order of the beam list and are tiled as the reference does: (survivors * k)[:n].
@@ -30,12 +35,14 @@ from __future__ import annotations
 from pydantic import Field, model_validator
 
 from app.contracts import PolicyHandle, RewardHandle
-from app.search.sampling import Candidate, SearchConfig, require_prm, sample_next_steps, score_paths
+from app.search.sampling import Candidate, StepwiseConfig, problem_key, require_prm, sample_next_steps, score_paths
 from app.search.select import aggregate
 from app.search.tree import Node, Trajectory
 
 
-class BeamSearchConfig(SearchConfig):
+class BeamSearchConfig(StepwiseConfig):
+    """max_tokens: the limit of every step call; max_total_tokens: optional whole-beam bound (`StepwiseConfig`)."""
+
     n: int = Field(4, ge=1, description="number of beams (N)")
     beam_width: int = Field(4, ge=1, description="M: each surviving beam is expanded M times; n/M survive")
     num_iterations: int = Field(40, ge=1, description="maximum number of steps")
@@ -56,8 +63,13 @@ def tile(active: list[Node], n: int) -> list[Node]:
     return (active * (n // len(active) + 1))[:n]
 
 
-def solve(problem_prompt: str, question: str, policy: PolicyHandle, prm: RewardHandle | None, cfg: BeamSearchConfig) -> list[Trajectory]:
+def solve(
+    problem_prompt: str, question: str, policy: PolicyHandle, prm: RewardHandle | None, cfg: BeamSearchConfig,
+    problem_id: str | None = None,
+) -> list[Trajectory]:
+    """The n output beams. `problem_id` keys the request seeds (default: the question text)."""
     prm = require_prm(prm, "beam_search")
+    key = problem_key(question, problem_id)
     keep = cfg.n // cfg.beam_width
     active: list[Node] = [Node()]
     completed: list[Node] = []
@@ -67,7 +79,8 @@ def solve(problem_prompt: str, question: str, policy: PolicyHandle, prm: RewardH
         copies = tile(active, cfg.n)
         counts = [sum(1 for c in copies if c is a) for a in active]
         cands = sample_next_steps(
-            policy, problem_prompt, active, counts, cfg, last=last, lookahead=cfg.lookahead, tag=("beam_search", it)
+            policy, problem_prompt, active, counts, cfg, last=last, lookahead=cfg.lookahead, tag=("beam_search", it),
+            problem=key,
         )
         taken = {id(a): 0 for a in active}
         beams: list[tuple[Node, Candidate]] = []
@@ -76,12 +89,13 @@ def solve(problem_prompt: str, question: str, policy: PolicyHandle, prm: RewardH
             j = taken[id(parent)]
             taken[id(parent)] += 1
             if j < len(group):
-                beams.append((parent.add_child(group[j].step), group[j]))
-        # (4) ended beams move to completed; a beam whose token budget is spent is completed too.
-        done = [cand.ended or child.tokens >= cfg.max_tokens for child, cand in beams]
+                beams.append((parent.add_steps(group[j].steps), group[j]))  # several steps on the last iteration
+        # (4) ended beams move to completed; a beam whose max_total_tokens is spent is completed too (unfinished).
+        # Finished: it ended at EOS (whatever its length) or on an empty step, not cut by a token limit.
+        done = [cand.ended or cfg.total_spent(child.tokens) for child, cand in beams]
         for (child, cand), d in zip(beams, done):
             child.terminal = d
-            child.finished = d and cand.step.finish_reason != "length" and child.tokens < cfg.max_tokens
+            child.finished = cand.ended and cand.step.finish_reason != "length"
         # (3)+(5) the PRM scores every beam (active ones with their lookahead).
         paths = []
         for (child, cand), d in zip(beams, done):
@@ -89,8 +103,9 @@ def solve(problem_prompt: str, question: str, policy: PolicyHandle, prm: RewardH
             paths.append(child.step_texts + extra)
         scores = score_paths(prm, question, paths)
         agg = []
-        for (child, _), s in zip(beams, scores):
-            child.scores = s[: child.depth]
+        for (child, cand), s in zip(beams, scores):
+            for node in child.path()[-len(cand.steps):]:  # the new steps' nodes (one, or several on the last iteration)
+                node.scores = s[: node.depth]
             agg.append(aggregate(s, cfg.agg_strategy))
         completed += [child for (child, _), d in zip(beams, done) if d]
         survivors = [(child, a) for (child, _), d, a in zip(beams, done, agg) if not d]
@@ -107,7 +122,7 @@ def solve(problem_prompt: str, question: str, policy: PolicyHandle, prm: RewardH
         # (7) keep the top n/M by aggregated score, in beam-list order.
         ranked = sorted(range(len(survivors)), key=lambda i: -survivors[i][1])[:keep]
         active = [survivors[i][0] for i in sorted(ranked)]
-    if not completed:  # nothing ended (only possible if the engine ignores the last iteration's budget)
+    if not completed:  # nothing ended (only if the engine ignored max_tokens on the last iteration)
         completed = active
     if cfg.sort_completed:
         completed = sorted(completed, key=lambda c: -aggregate(c.scores, cfg.agg_strategy))  # type: ignore[arg-type]

@@ -13,12 +13,14 @@ from __future__ import annotations
 from pydantic import Field
 
 from app.contracts import PolicyHandle, RewardHandle
-from app.search.sampling import SearchConfig, require_prm, score_paths
+from app.search.sampling import SearchConfig, problem_key, require_prm, score_paths
 from app.search.majority import sample_solutions
 from app.search.tree import Trajectory
 
 
 class BestOfNConfig(SearchConfig):
+    """max_tokens: the limit of each whole completion (one call, as search-and-learn)."""
+
     n: int = Field(4, ge=1, description="number of sampled solutions (N)")
     quirk_always_last: bool = Field(False, description="reference quirk: select with `last` whatever agg_strategy says")
 
@@ -27,9 +29,13 @@ class BestOfNConfig(SearchConfig):
         return "last" if self.quirk_always_last else self.agg_strategy
 
 
-def solve(problem_prompt: str, question: str, policy: PolicyHandle, prm: RewardHandle | None, cfg: BestOfNConfig) -> list[Trajectory]:
+def solve(
+    problem_prompt: str, question: str, policy: PolicyHandle, prm: RewardHandle | None, cfg: BestOfNConfig,
+    problem_id: str | None = None,
+) -> list[Trajectory]:
+    """The n scored solutions. `problem_id` keys the request seed (default: the question text)."""
     prm = require_prm(prm, "best_of_n")
-    trajs = sample_solutions(problem_prompt, policy, cfg, cfg.n, "best_of_n")
+    trajs = sample_solutions(problem_prompt, policy, cfg, cfg.n, "best_of_n", problem_key(question, problem_id))
     for t, s in zip(trajs, score_paths(prm, question, [t.steps for t in trajs])):
         t.scores = s
     return trajs

@@ -12,11 +12,13 @@ from typing import Literal
 from pydantic import Field
 
 from app.contracts import PolicyHandle, RewardHandle
-from app.search.sampling import SearchConfig, derive_seed, sample, score_paths
+from app.search.sampling import SearchConfig, derive_seed, problem_key, sample, score_paths
 from app.search.tree import Trajectory, split_steps
 
 
 class GreedyConfig(SearchConfig):
+    """max_tokens: the limit of the one completion."""
+
     n: Literal[1] = Field(1, description="always one completion")
     temperature: float = Field(0.0, ge=0.0, description="0: greedy decoding")
     score: bool = Field(False, description="also score the steps with the PRM (costs PRM tokens)")
@@ -26,10 +28,14 @@ class GreedyConfig(SearchConfig):
         return self.score
 
 
-def solve(problem_prompt: str, question: str, policy: PolicyHandle, prm: RewardHandle | None, cfg: GreedyConfig) -> list[Trajectory]:
+def solve(
+    problem_prompt: str, question: str, policy: PolicyHandle, prm: RewardHandle | None, cfg: GreedyConfig,
+    problem_id: str | None = None,
+) -> list[Trajectory]:
+    """The one completion. `problem_id` keys the request seed (default: the question text)."""
     [[c]] = sample(
         policy, [problem_prompt], [1], max_tokens=cfg.max_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-        seeds=[derive_seed(cfg.seed, "greedy")],
+        seeds=[derive_seed(cfg.seed, problem_key(question, problem_id), "greedy")],
     )
     traj = Trajectory(
         steps=split_steps(c.text, cfg.step_delimiter), finished=c.finish_reason != "length",

@@ -30,7 +30,7 @@ import math
 from pydantic import Field
 
 from app.contracts import PolicyHandle, RewardHandle
-from app.search.sampling import SearchConfig, derive_seed, require_prm, sample, score_paths, step_from
+from app.search.sampling import SearchConfig, derive_seed, problem_key, require_prm, sample, score_paths, step_from
 from app.search.tree import Node, Trajectory
 
 
@@ -77,7 +77,13 @@ def backup(node: Node, value: float) -> None:
         n = n.parent
 
 
-def expand(node: Node, problem_prompt: str, question: str, policy: PolicyHandle, prm: RewardHandle, cfg: MCTSConfig, key: object) -> None:
+def expand(
+    node: Node, problem_prompt: str, question: str, policy: PolicyHandle, prm: RewardHandle, cfg: MCTSConfig,
+    key: object, problem: str | None = None,
+) -> None:
+    """Sample the node's children. Every call stops on the delimiter, so a kept completion is one step (the
+    delimiter can only end it: one stop rule). `problem` (default: the question) and `key` seed the request."""
+    problem = question if problem is None else problem
     left = cfg.max_tokens - node.tokens
     if left <= 0:
         node.terminal = True
@@ -85,7 +91,7 @@ def expand(node: Node, problem_prompt: str, question: str, policy: PolicyHandle,
     [group] = sample(
         policy, [problem_prompt + node.text], [cfg.tree_max_width], max_tokens=min(cfg.max_new_tokens, left),
         temperature=cfg.temperature, top_p=cfg.top_p, stop=(cfg.step_delimiter,),
-        seeds=[derive_seed(cfg.seed, "mcts", key)], logprobs=True,
+        seeds=[derive_seed(cfg.seed, problem, "mcts", key)], logprobs=True,
     )
     kept, seen = [], set()
     for c in group:
@@ -109,17 +115,25 @@ def expand(node: Node, problem_prompt: str, question: str, policy: PolicyHandle,
         child.initial_value = s[-1]
 
 
-def solve(problem_prompt: str, question: str, policy: PolicyHandle, prm: RewardHandle | None, cfg: MCTSConfig) -> list[Trajectory]:
-    return search(problem_prompt, question, policy, prm, cfg)[1]
+def solve(
+    problem_prompt: str, question: str, policy: PolicyHandle, prm: RewardHandle | None, cfg: MCTSConfig,
+    problem_id: str | None = None,
+) -> list[Trajectory]:
+    return search(problem_prompt, question, policy, prm, cfg, problem_id)[1]
 
 
 def search(
-    problem_prompt: str, question: str, policy: PolicyHandle, prm: RewardHandle | None, cfg: MCTSConfig
+    problem_prompt: str, question: str, policy: PolicyHandle, prm: RewardHandle | None, cfg: MCTSConfig,
+    problem_id: str | None = None,
 ) -> tuple[Node, list[Trajectory]]:
-    """The search itself: returns the tree's root (with its statistics) and one trajectory per path."""
+    """The search itself: returns the tree's root (with its statistics) and one trajectory per path.
+
+    `problem_id` keys the request seeds (default: the question text).
+    """
     prm = require_prm(prm, "mcts")
+    problem = problem_key(question, problem_id)
     root = Node()
-    expand(root, problem_prompt, question, policy, prm, cfg, key=("root",))
+    expand(root, problem_prompt, question, policy, prm, cfg, key=("root",), problem=problem)
     out: list[Trajectory] = []
     if not root.children:
         return root, out
@@ -130,7 +144,7 @@ def search(
             if node.terminal or node.depth >= cfg.tree_max_depth:
                 break
             if node.is_leaf():
-                expand(node, problem_prompt, question, policy, prm, cfg, key=(i, node.depth))
+                expand(node, problem_prompt, question, policy, prm, cfg, key=(i, node.depth), problem=problem)
                 if not node.children:
                     break
         backup(node, node.value)

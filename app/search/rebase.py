@@ -29,7 +29,9 @@ import math
 from pydantic import Field
 
 from app.contracts import PolicyHandle, RewardHandle
-from app.search.sampling import SearchConfig, contains_any, derive_seed, require_prm, sample, score_paths, step_from
+from app.search.sampling import (
+    SearchConfig, contains_any, derive_seed, problem_key, require_prm, sample, score_paths, step_from,
+)
 from app.search.tree import Node, Trajectory
 
 
@@ -72,8 +74,13 @@ def allocate(rewards: list[float], width: int, temperature: float) -> list[int]:
     return counts
 
 
-def solve(problem_prompt: str, question: str, policy: PolicyHandle, prm: RewardHandle | None, cfg: RebaseConfig) -> list[Trajectory]:
+def solve(
+    problem_prompt: str, question: str, policy: PolicyHandle, prm: RewardHandle | None, cfg: RebaseConfig,
+    problem_id: str | None = None,
+) -> list[Trajectory]:
+    """The leaves. `problem_id` keys the request seeds (default: the question text)."""
     prm = require_prm(prm, "rebase")
+    key = problem_key(question, problem_id)
     root = Node()
     frontier: list[Node] = [root]
     remaining = cfg.width
@@ -111,13 +118,14 @@ def solve(problem_prompt: str, question: str, policy: PolicyHandle, prm: RewardH
         # 3. split the remaining width by softmax(reward / T), down the reward-sorted list.
         rewards = [n.score if n.score is not None else 0.0 for n in candidates]  # the root is the only unscored one
         counts = allocate(rewards, remaining, cfg.softmax_temperature)
-        # 4. expand each candidate into c_i children, one sampled step each; the PRM scores each child.
+        # 4. expand each candidate into c_i children, one sampled step each; the PRM scores each child. Every call
+        #    stops on the delimiter, so a completion is one step (the delimiter can only end it: one stop rule).
         left = [cfg.max_tokens - (0 if cfg.quirk_step_token_guard else n.tokens) for n in candidates]
         groups = sample(
             policy, [problem_prompt + n.text for n in candidates], counts,
             max_tokens=[max(1, min(cfg.max_step_tokens, l)) for l in left],
             temperature=cfg.temperature, top_p=cfg.top_p, stop=(cfg.step_delimiter,),
-            seeds=[derive_seed(cfg.seed, "rebase", depth, i) for i in range(len(candidates))],
+            seeds=[derive_seed(cfg.seed, key, "rebase", depth, i) for i in range(len(candidates))],
         )
         frontier = [n.add_child(step_from(c)) for n, g in zip(candidates, groups) for c in g]
         for child, s in zip(frontier, score_paths(prm, question, [c.step_texts for c in frontier])):

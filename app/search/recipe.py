@@ -56,8 +56,9 @@ class SearchRecipe(Config):
     policy: PoolConfig = Field(default_factory=PoolConfig)
     prm: PRMPoolConfig | None = None
     output_dir: str = "results/search"
-    max_in_flight: int = Field(16, ge=1, description="problems in flight at once")
-    task_cpus: float = Field(0.0, ge=0.0, description="CPUs reserved per problem task (they mostly wait on actors)")
+    max_in_flight: int = Field(16, ge=1, description="Ray tasks in flight at once: one per problem, or (DVTS) one per "
+                                                      "subtree and a join; a DVTS problem takes up to n / beam_width")
+    task_cpus: float = Field(0.0, ge=0.0, description="CPUs reserved per task (they mostly wait on actors)")
     num_cpus: int | None = Field(None, ge=1, description="CPUs of a local Ray cluster (default: this machine's)")
     progress: bool = True
 

@@ -9,7 +9,8 @@ spent (prompt, generated and PRM tokens, FLOPs, wall seconds), from the handles'
 
 A method may run in parts (DVTS: one part per subtree, each its own Ray task): `solve_part` runs one part and
 returns a plain dict; `record_from_parts` joins the parts (in part order) into the record. `solve_problem` is the
-one-process path: all parts in one call.
+one-process path: all parts in one call. The problem's id keys the request seeds (`sampling.problem_key`: without
+an id, the question text), so different problems draw different numbers and every part of one problem the same.
 
 Answer extraction and grading come from app.grading (imported lazily); both can be injected.
 """
@@ -49,19 +50,23 @@ def parts_of(method: str, cfg: Any) -> list[int | None]:
 
 
 def solve_part(
-    problem_prompt: str, question: str, method: str, cfg: Any, policy: Any, prm: Any, part: int | None = None
+    problem_prompt: str, question: str, method: str, cfg: Any, policy: Any, prm: Any, part: int | None = None,
+    problem_id: str | None = None,
 ) -> dict:
-    """Run one part of a method (the whole method when part is None); return its trajectories and compute."""
+    """Run one part of a method (the whole method when part is None); return its trajectories and compute.
+
+    `problem_id` keys the request seeds (None: the question text keys them).
+    """
     cfg = method_config(method, cfg)
     pu, ru = usage_of(policy), usage_of(prm)
     start = time.time()
     t0 = time.perf_counter()
     if part is None:
-        trajs = get_method(method).solve(problem_prompt, question, policy, prm, cfg)
+        trajs = get_method(method).solve(problem_prompt, question, policy, prm, cfg, problem_id=problem_id)
     elif method == "dvts":
         from app.search.dvts import solve_subtree
 
-        trajs = solve_subtree(problem_prompt, question, policy, prm, cfg, part)
+        trajs = solve_subtree(problem_prompt, question, policy, prm, cfg, part, problem_id=problem_id)
     else:
         raise ValueError(f"{method} does not run in parts")
     seconds = time.perf_counter() - t0
@@ -159,7 +164,9 @@ def solve_problem(
     cfg = method_config(method, method_cfg)
     if prompt is None:
         prompt = build_prompt_for(problem, template, tokenizer)
-    part = solve_part(prompt, _field(problem, "question"), method, cfg, policy, prm, None)
+    pid = _field(problem, "id")
+    part = solve_part(prompt, _field(problem, "question"), method, cfg, policy, prm, None,
+                      problem_id=None if pid is None else str(pid))
     return record_from_parts(
         problem, method, cfg, [part], equivalent=equivalent, exact_grouping=exact_grouping,
         extract_fn=extract_fn, grade_fn=grade_fn,

@@ -2,10 +2,15 @@
 
 Layout of an output directory:
     run.yaml                      the run's config (written once; a resumed run must match it)
+    problems.json                 every problem the runs into this directory set out to solve (id and level), written
+                                  when a run starts: the denominator, so that a killed run's missing problems count
     shard-<host>-<pid>-<t>.jsonl  one file per writer; each line one finished problem's record, flushed and fsynced
+    failures.jsonl                one line per problem that failed (id, one-line error); a problem that has a record
+                                  is no longer failed, and a later run drops its lines
 
 A killed run leaves at most one partial last line in its shard; readers skip it, so that problem is redone on
 resume. `finished_ids` returns the problems to skip; `read_records` returns each problem once (the first record).
+Accuracy counts every problem of the run: a failed or missing one (no record) is wrong (`summarize`).
 """
 from __future__ import annotations
 
@@ -19,6 +24,8 @@ from typing import Any, Iterable, Iterator
 from app.search.select import RULES
 
 SHARD_GLOB = "shard-*.jsonl"
+PLAN_FILE = "problems.json"
+FAILURES_FILE = "failures.jsonl"
 
 
 class ResultsWriter:
@@ -111,15 +118,112 @@ def write_run_config(out_dir: str | Path, data: dict, keys: Iterable[str]) -> No
     tmp.replace(path)
 
 
+# ---------------------------------------------------------------- the run's problems and its failures
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{socket.gethostname()}-{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
+def write_plan(out_dir: str | Path, problems: dict[str, Any]) -> None:
+    """Add `problems` (id -> level) to problems.json, the union of what every run into `out_dir` set out to solve.
+
+    A run that grows (a larger `data.limit`) adds its new problems; a smaller one removes none. Every shard job of
+    one run writes all the run's problems, so the count is right from the first shard on.
+    """
+    d = Path(out_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    old = read_plan(d) or {}
+    new = {str(k): v for k, v in problems.items() if str(k) not in old}
+    if new or not (d / PLAN_FILE).is_file():
+        plan = [{"id": k, "level": v} for k, v in {**old, **new}.items()]
+        _write_atomic(d / PLAN_FILE, json.dumps({"count": len(plan), "problems": plan}, ensure_ascii=False) + "\n")
+
+
+def read_plan(out_dir: str | Path) -> dict[str, Any] | None:
+    """problems.json as {id: level}; None where there is none (a directory written before it existed)."""
+    path = Path(out_dir) / PLAN_FILE
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return {str(p["id"]): p.get("level") for p in data["problems"]}
+    except (ValueError, KeyError, TypeError):
+        from app.config import ConfigError
+
+        raise ConfigError(f"{path}: not a problem list written by ponder search (delete it to recount)") from None
+
+
+def write_failure(out_dir: str | Path, problem_id: str, error: str) -> None:
+    """Append one failed problem (its id and a one-line error) to failures.jsonl, flushed and fsynced."""
+    d = Path(out_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    line = json.dumps({"id": problem_id, "error": " ".join(error.split()), "time": time.time()}, ensure_ascii=False)
+    with open(d / FAILURES_FILE, "a", encoding="utf-8") as f:
+        f.write(line + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_failures(out_dir: str | Path) -> dict[str, str]:
+    """The failed problems that have no record: id -> the last one-line error."""
+    path = Path(out_dir) / FAILURES_FILE
+    if not path.is_file():
+        return {}
+    errors = {rec["id"]: str(rec.get("error", "")) for rec in _iter_lines(path)}
+    done = finished_ids(out_dir) if errors else set()
+    return {k: v for k, v in errors.items() if k not in done}
+
+
+def clear_failures(out_dir: str | Path) -> None:
+    """Drop the lines of failures.jsonl whose problem now has a record (or that repeat an id).
+
+    Best effort where shard jobs share the directory: a failure appended by another job while this rewrite runs
+    can be lost, and that problem then counts as missing instead of failed (wrong either way).
+    """
+    path = Path(out_dir) / FAILURES_FILE
+    if not path.is_file():
+        return
+    lines = list(_iter_lines(path))
+    keep = read_failures(out_dir)
+    if len(lines) != len(keep):
+        kept = {rec["id"]: rec for rec in lines if rec["id"] in keep}  # the last line per id
+        _write_atomic(path, "".join(json.dumps(rec, ensure_ascii=False) + "\n" for rec in kept.values()))
+
+
+def read_run(out_dir: str | Path) -> tuple[list[dict], dict[str, Any] | None, dict[str, str]]:
+    """An output directory's records, its problems (id -> level; None if unknown) and its failures (id -> error)."""
+    return read_records(out_dir), read_plan(out_dir), read_failures(out_dir)
+
+
 # ---------------------------------------------------------------- the summary table
 
 
-def summarize(records: list[dict]) -> dict:
-    """Accuracy per rule and n, and mean compute per problem.
+def _universe(records: list[dict], expected: dict[str, Any] | None, failed: Iterable[str]) -> dict[str, Any]:
+    """Every problem counted (id -> level): the expected ones, and any record or failure beyond them."""
+    u = dict(expected or {})
+    for r in records:
+        u.setdefault(r["id"], r.get("level"))
+    for pid in failed:
+        u.setdefault(pid, None)
+    return u
 
-    Returns {"problems": k, "method": ..., "N": ..., "accuracy": {rule: {n: acc}}, "compute": {key: mean}}.
-    Accuracy at n counts only the records that report that n (all of them, for one run).
+
+def summarize(records: list[dict], expected: dict[str, Any] | None = None, failed: Iterable[str] = ()) -> dict:
+    """Accuracy per rule and n over every problem, and mean compute per solved problem.
+
+    `expected` (id -> level) is every problem of the run, `failed` the ids that failed: a problem with no record,
+    failed or missing (e.g. a killed run), counts as wrong. Without them the records are all the problems.
+
+    Returns {"problems": K, "solved": k (problems with a record, right or wrong), "failed": f, "missing": m,
+    "method": ..., "N": ..., "accuracy": {rule: {n: acc}}, "compute": {key: mean per record}}, K = k + f + m.
+    Accuracy at n is over K less the records that do not report that n (none, for one run).
     """
+    ids = {r["id"] for r in records}
+    failed_ids = set(failed) - ids
+    total = len(_universe(records, expected, failed_ids))
     acc: dict[str, dict[int, list[int]]] = {}
     for rec in records:
         for rule, by_n in (rec.get("selection") or {}).items():
@@ -131,11 +235,16 @@ def summarize(records: list[dict]) -> dict:
         for k in keys
     }
     methods = sorted({str(r.get("method")) for r in records})
+    unsolved = total - len(records)
     return {
-        "problems": len(records),
+        "problems": total,
+        "solved": len(records),
+        "failed": len(failed_ids),
+        "missing": unsolved - len(failed_ids),
         "method": ",".join(methods),
         "N": max((int(r.get("N") or 0) for r in records), default=0),
-        "accuracy": {rule: {n: sum(v) / len(v) for n, v in sorted(by_n.items())} for rule, by_n in acc.items()},
+        "accuracy": {rule: {n: sum(v) / (len(v) + unsolved) for n, v in sorted(by_n.items())}
+                     for rule, by_n in acc.items()},
         "compute": compute,
     }
 
@@ -154,11 +263,16 @@ def _human(x: float) -> str:
     return f"{x:.3g}"
 
 
-def format_summary(records: list[dict], title: str = "") -> str:
-    """The accuracy table (rows: selection rule; columns: n) and mean compute per problem."""
-    s = summarize(records)
+def format_summary(records: list[dict], title: str = "", expected: dict[str, Any] | None = None,
+                   failed: Iterable[str] = ()) -> str:
+    """The count of solved, failed and missing problems, the accuracy table (rows: selection rule; columns: n) and
+    mean compute per solved problem."""
+    s = summarize(records, expected, failed)
+    counts = (f"solved {s['solved']} of {s['problems']}, {s['failed']} failed, {s['missing']} missing "
+              f"(solved = has a record, right or wrong; failed and missing problems count as wrong)")
     if not records:
-        return f"{title}: no finished problems" if title else "no finished problems"
+        return "\n".join([f"{title}: no finished problems" if title else "no finished problems"]
+                         + ([counts] if s["problems"] else []))
     ns = sorted({n for by_n in s["accuracy"].values() for n in by_n})
     header = ["rule"] + [f"n={n}" for n in ns]
     rows = []
@@ -169,20 +283,24 @@ def format_summary(records: list[dict], title: str = "") -> str:
     c = s["compute"]
     head = f"{title + ': ' if title else ''}{s['method']}, {s['problems']} problems, N={s['N']}"
     per = (
-        f"per problem: {c['prompt_tokens']:.0f} prompt tokens, {c['generated_tokens']:.0f} generated tokens, "
+        f"per solved problem: {c['prompt_tokens']:.0f} prompt tokens, {c['generated_tokens']:.0f} generated tokens, "
         f"{c['prm_tokens']:.0f} PRM tokens, {_human(c['flops'])}FLOPs, {c['seconds']:.2f} s"
     )
-    return "\n".join([head, _fmt_table(header, rows), per])
+    return "\n".join([head, counts, _fmt_table(header, rows), per])
 
 
-def format_report(records: list[dict], by_level: bool = False, title: str = "") -> str:
-    """The summary over all records, then (by_level) one summary per difficulty level."""
-    out = [format_summary(records, title)]
+def format_report(records: list[dict], by_level: bool = False, title: str = "", expected: dict[str, Any] | None = None,
+                  failed: Iterable[str] = ()) -> str:
+    """The summary over every problem (`summarize`), then (by_level) one summary per difficulty level."""
+    failed = set(failed)
+    out = [format_summary(records, title, expected, failed)]
     if by_level:
-        levels: dict[Any, list[dict]] = {}
-        for r in records:
-            levels.setdefault(r.get("level"), []).append(r)
+        universe = _universe(records, expected, failed)
+        levels: dict[Any, dict[str, Any]] = {}
+        for pid, lvl in universe.items():
+            levels.setdefault(lvl, {})[pid] = lvl
         for lvl in sorted(levels, key=lambda x: (x is None, str(x))):
+            ids = levels[lvl]
             out.append("")
-            out.append(format_summary(levels[lvl], f"level {lvl}"))
+            out.append(format_summary([r for r in records if r["id"] in ids], f"level {lvl}", ids, failed & set(ids)))
     return "\n".join(out)

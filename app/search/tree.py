@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Iterator, Sequence
 
 from app.search.select import aggregate
 
@@ -56,6 +56,18 @@ class Node:
         child = Node(step=step, parent=self, depth=self.depth + 1, **kw)
         self.children.append(child)
         return child
+
+    def add_steps(self, steps: Sequence[Step], scores: list[float] | None = None) -> "Node":
+        """Children one below the other, one per step (a completion that holds several steps); returns the last.
+
+        With `scores` (the PRM's per-step scores of the whole path to the last one), each new node gets its prefix.
+        """
+        node = self
+        for step in steps:
+            node = node.add_child(step)
+            if scores is not None:
+                node.scores = list(scores[: node.depth])
+        return node
 
     def path(self) -> list["Node"]:
         """Nodes from the first step to this one (the root excluded)."""
