@@ -4,6 +4,10 @@ Callers `await batcher.submit(items)`; the first caller of an idle batcher waits
 waiting, up to 4 x gather_ms, while more calls are still arriving and the batch is not full), then one
 `process(all_items)` call runs and each caller gets back its own slice. Engines are far more efficient on one
 batch of 64 than on 64 batches of 1, and callers (search tasks) arrive a few at a time.
+
+One caller's bad input never fails the others: when a batch that merged several callers raises, each caller's
+items run again alone, so only the caller whose items fail gets the error (and the others their results). The
+engines check their inputs before they compute (an over-long prompt fails at once), so the retry costs little.
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ class BatchStats:
     largest: int = 0
     sizes: list[int] = field(default_factory=list)
     busy_s: float = 0.0  # seconds inside `process`: over wall time, how busy the engine was
+    isolated: int = 0  # merged batches that failed and were run again caller by caller
 
     def record(self, n: int) -> None:
         self.batches += 1
@@ -74,20 +79,52 @@ class MicroBatcher:
                 owners.append((fut, n, n + len(items)))
                 batch.extend(items)
                 n += len(items)
-            self.stats.record(n)
-            t0 = time.perf_counter()
             try:
-                if asyncio.iscoroutinefunction(self._process):
-                    results = await self._process(batch)
-                else:
-                    results = await asyncio.to_thread(self._process, batch)
-            except BaseException as e:  # hand the failure to every caller of this batch
-                for fut, _, _ in owners:
-                    if not fut.done():
-                        fut.set_exception(e)
+                results = await self._call(batch)
+            except Exception as e:
+                if len(owners) == 1:
+                    self._fail(owners, e)
+                    continue
+                # Several callers merged: one caller's bad items must not fail the others. Run each alone.
+                self.stats.isolated += 1
+                for fut, lo, hi in owners:
+                    if fut.done():
+                        continue
+                    try:
+                        mine = await self._call(batch[lo:hi])
+                    except Exception as e1:
+                        fut.set_exception(e1)
+                    except BaseException as e1:  # cancelled or interrupted: the callers left get it too
+                        self._fail(owners, e1)
+                        break
+                    else:
+                        fut.set_result(mine)
                 continue
-            finally:
-                self.stats.busy_s += time.perf_counter() - t0
+            except BaseException as e:  # cancelled or interrupted: every caller of this batch gets it
+                self._fail(owners, e)
+                continue
             for fut, lo, hi in owners:
                 if not fut.done():
                     fut.set_result(results[lo:hi])
+
+    async def _call(self, batch: list[Any]) -> list[Any]:
+        """One engine call (counted in the stats); its results must match the batch one for one."""
+        self.stats.record(len(batch))
+        t0 = time.perf_counter()
+        try:
+            if asyncio.iscoroutinefunction(self._process):
+                results = await self._process(batch)
+            else:
+                results = await asyncio.to_thread(self._process, batch)
+        finally:
+            self.stats.busy_s += time.perf_counter() - t0
+        results = list(results)
+        if len(results) != len(batch):
+            raise RuntimeError(f"the engine returned {len(results)} results for a batch of {len(batch)} items")
+        return results
+
+    @staticmethod
+    def _fail(owners: list[tuple[asyncio.Future, int, int]], error: BaseException) -> None:
+        for fut, _, _ in owners:
+            if not fut.done():
+                fut.set_exception(error)

@@ -57,13 +57,16 @@ class ModelActor:
                     host=socket.gethostname(), load_seconds=self.load_seconds)
 
     def stats(self) -> dict:
-        """Calls served; for a micro-batched engine its batches (sizes in items) and seconds inside the engine."""
+        """Calls served; for a micro-batched engine its batches (sizes in items; a failed merged batch run again
+        caller by caller counts each run), the merged batches that failed (`isolated_batches`) and seconds inside
+        the engine."""
         d: dict[str, Any] = dict(engine=self.engine_name, pid=os.getpid(), calls=self.calls, inflight=self.inflight,
                                  max_inflight=self.max_inflight, engine_s=0.0, batches=0)
         if self.batcher is not None:
             s = self.batcher.stats
             d.update(engine_s=s.busy_s, batches=s.batches, items=s.items, largest_batch=s.largest,
-                     batch_sizes=list(s.sizes), mean_batch=(s.items / s.batches) if s.batches else 0.0)
+                     batch_sizes=list(s.sizes), mean_batch=(s.items / s.batches) if s.batches else 0.0,
+                     isolated_batches=s.isolated)
         cache = getattr(self.engine, "prefix_cache", None)
         if cache is not None:
             d["prefix_cache"] = cache.stats()

@@ -43,7 +43,7 @@ class PolicyActor(ModelActor):
 
     def reset_counters(self) -> None:
         super().reset_counters()
-        self.requests = self.sequences = self.prompt_tokens = self.generated_tokens = 0
+        self.requests = self.sequences = self.prompt_tokens = self.generated_tokens = self.cached_tokens = 0
 
     async def generate(self, requests: Sequence[GenerationRequest]) -> list[list[Completion]]:
         requests = list(requests)
@@ -58,21 +58,30 @@ class PolicyActor(ModelActor):
             self.sequences += len(group)
             if group:
                 self.prompt_tokens += group[0].prompt_tokens
+                self.cached_tokens += group[0].cached_tokens
             self.generated_tokens += sum(c.generated_tokens for c in group)
         return out
 
+    def info(self) -> dict:
+        """flop_parameters: the matmul parameters per token, what the clients count FLOPs with."""
+        return dict(super().info(), flop_parameters=int(getattr(self.engine, "flop_parameters", self.num_parameters)))
+
     def stats(self) -> dict:
+        """prompt_tokens counts each request's prompt once; cached_tokens those of them its engine did not run."""
         return dict(super().stats(), requests=self.requests, sequences=self.sequences,
-                    prompt_tokens=self.prompt_tokens, generated_tokens=self.generated_tokens)
+                    prompt_tokens=self.prompt_tokens, cached_tokens=self.cached_tokens,
+                    generated_tokens=self.generated_tokens)
 
 
 def _count_generation(usage: Usage, out: list[list[Completion]], num_parameters: int) -> None:
+    """One call's tokens and FLOPs, nominal and computed (`Usage`); `num_parameters`: the pool's flop_parameters."""
     usage.add_generation(out, num_parameters)
 
 
 class PolicyClient(PoolClient):
     """`PolicyHandle` over a policy pool: `generate` blocks (use it in Ray tasks and threads), `agenerate` awaits.
-    Every call adds its tokens and FLOPs (2 x parameters x tokens) to `self.usage`."""
+    Every call adds its tokens and FLOPs (2 x parameters x tokens: nominal, and computed after the engine's
+    prefix cache) to `self.usage`; the parameters are the pool's `flop_parameters`."""
 
     account = staticmethod(_count_generation)
 

@@ -79,21 +79,31 @@ class PRMActor(ModelActor):
             scores = await self._serve(lambda: self.engine.ascore(encoded))
         else:
             scores = await self._serve(lambda: self.batcher.submit(encoded))
-        return ScoreResult(scores=[list(s) for s in scores], tokens=sum(len(e.input_ids) for e in encoded))
+        return ScoreResult(scores=[list(s) for s in scores], tokens=sum(len(e.input_ids) for e in encoded),
+                           cached_tokens=sum(getattr(s, "cached_tokens", 0) for s in scores),
+                           cached_scores=sum(getattr(s, "cached_scores", 0) for s in scores),
+                           head_parameters=int(getattr(self.engine, "score_head_parameters", 0)))
 
     def info(self) -> dict:
-        return dict(super().info(), format=self.fmt.name, max_length=self.max_length)
+        """flop_parameters: the body's matmul parameters per token, what the clients count FLOPs with (the head's,
+        per score, come with each ScoreResult)."""
+        return dict(super().info(), format=self.fmt.name, max_length=self.max_length,
+                    flop_parameters=int(getattr(self.engine, "flop_parameters", self.num_parameters)))
 
 
 def _count_scoring(usage: Usage, out: ScoreResult, num_parameters: int) -> None:
-    usage.add_scoring(out.tokens, num_parameters)
+    """One call's tokens and FLOPs, nominal and computed (`Usage`); `num_parameters`: the pool's flop_parameters."""
+    usage.add_scoring(out.tokens, num_parameters, cached_tokens=out.cached_tokens,
+                      scores=sum(len(s) for s in out.scores), head_parameters=out.head_parameters,
+                      cached_scores=out.cached_scores)
 
 
 class PRMClient(PoolClient):
     """`RewardHandle` over a PRM pool: `score` blocks (Ray tasks, threads), `ascore` awaits.
 
-    Every call adds the tokens the PRM read and its FLOPs (2 x parameters x tokens) to `self.usage`. Calls are
-    retried by the pool when a replica dies.
+    Every call adds the tokens the PRM read and its FLOPs (2 x parameters x tokens, plus its head at each score:
+    nominal, and computed after the engine's prefix cache) to `self.usage`. Calls are retried by the pool when a
+    replica dies.
     """
 
     account = staticmethod(_count_scoring)

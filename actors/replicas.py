@@ -306,7 +306,8 @@ class ModelPool:
         self.info = info
         self.client_class = client_class
         self.shutdown_timeout_s = shutdown_timeout_s
-        self.num_parameters = int(info[0]["num_parameters"]) if info else 0
+        # the parameters the clients count FLOPs with (the matmul ones per token); every parameter: info[i]
+        self.num_parameters = int(info[0].get("flop_parameters", info[0]["num_parameters"])) if info else 0
 
     def client(self):
         return self.client_class(self.pool, self.num_parameters, self.cfg.model)

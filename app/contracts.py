@@ -50,6 +50,11 @@ class Completion:
 
     finish_reason: "stop" (a stop string matched; `stop_reason` says which), "eos" (the model ended),
     "length" (max_tokens reached).
+    cached_tokens: of the `prompt_tokens`, those the engine did not run (served from its prefix cache, or shared
+        with an identical prompt of the same batch). The n completions of one request share the prompt: like
+        `prompt_tokens`, it counts once per request.
+    copied: a copy of the request's first completion that the engine did not generate (vLLM's greedy n > 1 runs
+        one sequence): its tokens count in the nominal compute, not in the computed one.
     """
 
     text: str
@@ -59,6 +64,8 @@ class Completion:
     stop_reason: str | None = None
     cumulative_logprob: float | None = None
     token_ids: tuple[int, ...] | None = None
+    cached_tokens: int = 0
+    copied: bool = False
 
     @property
     def mean_logprob(self) -> float | None:
@@ -69,7 +76,17 @@ class Completion:
 
 @dataclass
 class Usage:
-    """Compute spent, summed over calls. FLOPs are estimated as 2 x parameters x tokens per model."""
+    """Compute spent, summed over calls, counted two ways (FLOPs = 2 x parameters x tokens per model).
+
+    Nominal, the plain names (what the papers count): every prompt token (once per request: its n samples share
+    it), every generated token and every token the PRM read, as if each call ran from scratch.
+    Computed, the `computed_` names: the tokens the engines really ran, less those their prefix caches served
+    (`Completion.cached_tokens`, `ScoreResult.cached_tokens`) and less the generations they did not run
+    (`Completion.copied`).
+    `num_parameters` is the matmul parameters run per token (`actors.engines.base.ParameterCount.per_token`: no
+    untied input embeddings); a PRM adds `head_parameters` at each score it reads out (its classifier, or the 2
+    label rows of an LM head; the computed figure leaves out the scores a cache served).
+    """
 
     prompt_tokens: int = 0
     generated_tokens: int = 0
@@ -78,26 +95,50 @@ class Usage:
     prm_flops: float = 0.0
     policy_calls: int = 0
     prm_calls: int = 0
+    computed_prompt_tokens: int = 0
+    computed_generated_tokens: int = 0
+    computed_prm_tokens: int = 0
+    computed_policy_flops: float = 0.0
+    computed_prm_flops: float = 0.0
 
     @property
     def flops(self) -> float:
+        """Nominal FLOPs of both models."""
         return self.policy_flops + self.prm_flops
+
+    @property
+    def computed_flops(self) -> float:
+        return self.computed_policy_flops + self.computed_prm_flops
 
     def add_generation(self, completions: Sequence[Sequence[Completion]], num_parameters: int) -> None:
         self.policy_calls += 1
+        prompt = computed_prompt = generated = computed_generated = 0
         for group in completions:
             if group:
                 # The prompt is processed once per request (prefix shared across the n samples).
-                self.prompt_tokens += group[0].prompt_tokens
-                self.policy_flops += 2.0 * num_parameters * group[0].prompt_tokens
+                prompt += group[0].prompt_tokens
+                computed_prompt += group[0].prompt_tokens - min(group[0].cached_tokens, group[0].prompt_tokens)
             for c in group:
-                self.generated_tokens += c.generated_tokens
-                self.policy_flops += 2.0 * num_parameters * c.generated_tokens
+                generated += c.generated_tokens
+                if not c.copied:
+                    computed_generated += c.generated_tokens
+        self.prompt_tokens += prompt
+        self.generated_tokens += generated
+        self.computed_prompt_tokens += computed_prompt
+        self.computed_generated_tokens += computed_generated
+        self.policy_flops += 2.0 * num_parameters * (prompt + generated)
+        self.computed_policy_flops += 2.0 * num_parameters * (computed_prompt + computed_generated)
 
-    def add_scoring(self, tokens: int, num_parameters: int) -> None:
+    def add_scoring(self, tokens: int, num_parameters: int, cached_tokens: int = 0, scores: int = 0,
+                    head_parameters: int = 0, cached_scores: int = 0) -> None:
+        """One PRM call: `tokens` read, `cached_tokens` of them served by a cache; `scores` read out by a head of
+        `head_parameters`, `cached_scores` of them served by the cache with their tokens."""
+        computed = tokens - min(cached_tokens, tokens)
         self.prm_calls += 1
         self.prm_tokens += tokens
-        self.prm_flops += 2.0 * num_parameters * tokens
+        self.computed_prm_tokens += computed
+        self.prm_flops += 2.0 * (num_parameters * tokens + head_parameters * scores)
+        self.computed_prm_flops += 2.0 * (num_parameters * computed + head_parameters * (scores - cached_scores))
 
     def merge(self, other: "Usage") -> "Usage":
         for f in self.__dataclass_fields__:
@@ -107,15 +148,24 @@ class Usage:
     def as_dict(self) -> dict:
         d = {f: getattr(self, f) for f in self.__dataclass_fields__}
         d["flops"] = self.flops
+        d["computed_flops"] = self.computed_flops
         return d
 
 
 @dataclass
 class ScoreResult:
-    """Per-trajectory, per-step scores in [0, 1] and the tokens the PRM read to produce them."""
+    """Per-trajectory, per-step scores in [0, 1] and the tokens the PRM read to produce them.
+
+    cached_tokens: of `tokens`, those its prefix cache served (a path scored again with one more step), and
+    cached_scores: the scores served with them (their head was not run again).
+    head_parameters: the parameters of the head read out at each score (`Usage.add_scoring`).
+    """
 
     scores: list[list[float]]
     tokens: int = 0
+    cached_tokens: int = 0
+    cached_scores: int = 0
+    head_parameters: int = 0
 
 
 @runtime_checkable

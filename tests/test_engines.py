@@ -132,6 +132,24 @@ def test_greedy_is_deterministic_and_padding_safe(engine):
     assert t.text == alone[1]
 
 
+def test_greedy_n_counts_the_generations_the_engine_ran(engine):
+    """vLLM runs a greedy n > 1 request once and copies it (it refuses greedy n > 1): the computed compute counts
+    one generation, the nominal n. The HF engine decodes the n rows: both count n."""
+    from app.contracts import Usage
+
+    out = gen(engine, [R(PROMPTS[1], n=3, max_tokens=16, temperature=0)])
+    one = out[0][0].generated_tokens
+    assert [c.text for c in out[0]] == [out[0][0].text] * 3 and one > 0
+    usage = Usage()
+    usage.add_generation(out, 1000)
+    ran = 1 if engine.engine_name == "vllm" else 3
+    assert [c.copied for c in out[0]] == [False] + [ran == 1] * 2
+    assert usage.generated_tokens == 3 * one and usage.computed_generated_tokens == ran * one
+    assert usage.prompt_tokens == usage.computed_prompt_tokens == len(PROMPTS[1])  # the prompt once, nothing cached
+    assert usage.computed_policy_flops == 2000.0 * (len(PROMPTS[1]) + ran * one)
+    assert (usage.computed_policy_flops < usage.policy_flops) == (ran == 1)
+
+
 def test_token_id_prompts(engine):
     tok = engine.tokenizer
     ids = tuple(tok(PROMPTS[4])["input_ids"])
@@ -182,6 +200,17 @@ def test_hf_vllm_greedy_parity(hf_engine, vllm_engine):
             assert hc.cumulative_logprob == pytest.approx(vc.cumulative_logprob, rel=1e-3, abs=1e-3)
     assert {g[0].finish_reason for g in h} >= {"stop", "length"}
     assert hf_engine.num_parameters == vllm_engine.num_parameters
+    assert hf_engine.flop_parameters == vllm_engine.flop_parameters  # counted from the checkpoint for vLLM
+
+
+@pytest.mark.vllm
+def test_vllm_reports_the_prompt_tokens_its_prefix_cache_served(vllm_engine):
+    """vLLM's automatic prefix caching serves whole blocks of a prompt it has seen: `num_cached_tokens`."""
+    prompt = "".join(f"step {i}: {i} + {i} = {2 * i}\n" for i in range(30))  # ~500 tokens, many blocks
+    a = gen(vllm_engine, [R(prompt, max_tokens=4, temperature=0)])[0][0]
+    b = gen(vllm_engine, [R(prompt + "more", n=2, max_tokens=4, temperature=1.0, seed=1)])[0]
+    assert a.cached_tokens == 0  # no earlier prompt began with this text
+    assert len(prompt) // 2 < b[0].cached_tokens == b[1].cached_tokens < b[0].prompt_tokens
 
 
 @pytest.mark.vllm

@@ -244,14 +244,38 @@ def test_time_limit_outside_the_main_thread_uses_a_helper_process():
 
 
 def test_grade_batch_in_process_without_ray():
-    import ray
+    """Without Ray, grade_batch grades here and starts nothing. Run in a fresh interpreter, so whether another test
+    of this session started Ray does not matter: this always runs."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
 
-    if ray.is_initialized():
-        pytest.skip("another test started Ray in this session")
     pairs = [(p, g) for p, g, _ in CASES[:8]]
-    assert grade_batch(pairs) == [e for _, _, e in CASES[:8]]
-    with pytest.raises(RuntimeError, match="ray.init"):
-        grade_batch(pairs, num_workers=2)
+    script = """
+import json, sys
+import ray
+from app.grading import grade_batch
+pairs = [tuple(p) for p in json.loads(sys.stdin.read())]
+assert not ray.is_initialized()
+out = {"one": grade_batch(pairs, num_workers=1), "default": grade_batch(pairs)}
+try:
+    grade_batch(pairs, num_workers=2)
+    out["error"] = None
+except RuntimeError as e:
+    out["error"] = str(e)
+out["ray_started"] = ray.is_initialized()
+print(json.dumps(out))
+"""
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", script], input=json.dumps(pairs), capture_output=True, text=True,
+                          cwd=root, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    expected = [e for _, _, e in CASES[:8]]
+    assert out["one"] == out["default"] == expected
+    assert out["error"] is not None and "ray.init" in out["error"] and "num_workers=1" in out["error"]
+    assert out["ray_started"] is False  # grading without Ray never starts a cluster
 
 
 def test_grade_batch_on_ray(ray_cluster):

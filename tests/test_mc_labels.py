@@ -173,3 +173,40 @@ def test_run_writes_and_resumes(ray_cluster, tmp_path, pickled_by_value):
     assert redo["problems"] == 1 and redo["skipped"] == 3
     final = [json.loads(x) for x in out.read_text().splitlines()]
     assert sorted((r["problem_id"], r["sample"]) for r in final) == sorted((r["problem_id"], r["sample"]) for r in recs)
+
+
+def test_defaults_are_the_published_ones_and_the_toy_world_keeps_its_own(tmp_path, monkeypatch):
+    """MCLabelConfig defaults to RLHFlow's re-run of Math-Shepherd (15 solutions per problem, 16 completions per
+    step, temperature 0.7); the toy world's recipe names its smaller values itself, and the build passes them."""
+    from types import SimpleNamespace
+
+    import actors.policy
+    import train.sft
+    import train.synthesize.mc_labels as mc
+    from app.config import read_recipe
+    from train.toy.build import build
+    from train.toy.config import load
+
+    c = MCLabelConfig()
+    assert (c.samples, c.k, c.temperature, c.top_p) == (15, 16, 0.7, 1.0)
+    raw, _ = read_recipe("toy/world")
+    assert (raw["mc"]["samples"], raw["mc"]["k"], raw["mc"]["temperature"]) == (4, 8, 0.7)  # explicit in the recipe
+    toy = load(None, [f"work_dir={tmp_path}"], quick=False)
+
+    # the build's MC-label step gets the recipe's values, not MCLabelConfig's defaults
+    class Stop(Exception):
+        pass
+
+    seen = []
+
+    def run_mc(cfg, pool):
+        seen.append(cfg)
+        raise Stop
+
+    monkeypatch.setattr(train.sft, "train", lambda cfg: (SimpleNamespace(metrics={}), tmp_path / "policy"))
+    monkeypatch.setattr(actors.policy, "start_policy_pool", lambda cfg: SimpleNamespace(shutdown=lambda: None))
+    monkeypatch.setattr(mc, "run", run_mc)
+    with pytest.raises(Stop):
+        build(toy, tmp_path / "out")
+    [got] = seen
+    assert (got.samples, got.k, got.temperature) == (toy.mc.samples, toy.mc.k, toy.mc.temperature) == (4, 8, 0.7)

@@ -75,11 +75,13 @@ def test_usage_accounting(ray_cluster, tiny_policy):
     from actors.engines.hf import HFEngine
     from actors.policy import start_policy_pool
 
-    params = HFEngine(tiny_policy).num_parameters
+    eng = HFEngine(tiny_policy)
+    params = eng.flop_parameters  # FLOPs count the matmul parameters (the tiny policy's head is tied: all of them)
     pool = start_policy_pool(PoolConfig(model=tiny_policy, replicas=1, gather_ms=1))
     try:
         client = pool.client()
-        assert client.num_parameters == params == pool.num_parameters
+        assert client.num_parameters == params == pool.num_parameters == pool.info[0]["flop_parameters"]
+        assert pool.info[0]["num_parameters"] == eng.num_parameters
         out = client.generate([GenerationRequest("12+3=", n=3, max_tokens=5, temperature=1.0, seed=1),
                                GenerationRequest("7*8=", max_tokens=4, temperature=0)])
         out2 = client.generate([GenerationRequest("1+1=", max_tokens=6, temperature=0)])
@@ -91,8 +93,11 @@ def test_usage_accounting(ray_cluster, tiny_policy):
         assert prompt == len("12+3=") + len("7*8=") + len("1+1=")  # char-level tokenizer, no BOS
         assert gen == 3 * 5 + 4 + 6
         assert u.policy_flops == pytest.approx(2.0 * params * (prompt + gen))
+        # no call continues an earlier one's stopped text: nothing cached, everything computed
+        assert (u.computed_prompt_tokens, u.computed_generated_tokens, u.computed_policy_flops) == (
+            prompt, gen, u.policy_flops)
         s = pool.stats()[0]
-        assert (s["prompt_tokens"], s["generated_tokens"]) == (prompt, gen)
+        assert (s["prompt_tokens"], s["generated_tokens"], s["cached_tokens"]) == (prompt, gen, 0)
     finally:
         pool.shutdown()
 

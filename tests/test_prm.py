@@ -401,7 +401,8 @@ def test_prm_pool_client_scores_accounts_and_pickles(ray_cluster, qwen_prm):
         assert client.score(Q, []) == []
         tokens = sum(len(fmt.encode(Q, t).input_ids) for t in [TRAJ, TRAJ[:2]])
         assert client.usage.prm_calls == 1 and client.usage.prm_tokens == tokens
-        assert client.usage.prm_flops == 2.0 * eng.num_parameters * tokens
+        # nominal FLOPs: the body (no input embeddings) at every token, the classifier head at each of the 3 + 2 scores
+        assert client.usage.prm_flops == 2.0 * (eng.flop_parameters * tokens + eng.score_head_parameters * 5)
         with ThreadPoolExecutor(8) as ex:
             outs = list(ex.map(lambda _: client.score(Q, [TRAJ]), range(16)))
         assert all(o[0] == pytest.approx(expected[0], abs=1e-5) for o in outs)

@@ -145,3 +145,59 @@ def test_prm_from_policy_with_extra_layers_starts_as_the_policy_body():
         a = policy.model(input_ids=ids).last_hidden_state
         b = prm.model(input_ids=ids).last_hidden_state
     assert torch.allclose(a, b, atol=1e-5)
+
+
+class RayStarted(Exception):
+    pass
+
+
+@pytest.fixture
+def no_ray(monkeypatch):
+    """jobs.train with Ray's start replaced by an exception: whatever gets that far passed the checks."""
+    import jobs.train
+
+    monkeypatch.setattr(jobs.train, "init_ray", lambda *a, **k: (_ for _ in ()).throw(RayStarted()))
+
+
+def test_a_record_without_the_label_field_fails_before_ray(tmp_path, no_ray, capsys):
+    """A record without `soft` (the recipe's labels) was a KeyError inside a Ray Train worker: now the job exits 2
+    with one line naming the file, the line and the field, before Ray starts."""
+    import json
+
+    from jobs.train import main
+
+    hard_only = {k: v for k, v in RECORD.items() if k != "soft"}
+    data = tmp_path / "labels.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in (RECORD, RECORD, hard_only, RECORD)))
+    args = ["--config", "toy/prm", f"data={data}", "eval_data=null", f"output={tmp_path / 'out'}"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0, err
+    assert str(data) in err and "line 3" in err and "'soft'" in err, err
+    # labels: hard reads a field every record has: the checks pass (and the job goes on to start Ray)
+    with pytest.raises(RayStarted):
+        main(args + ["labels=hard"])
+    # the held-out file is checked the same way
+    data.write_text(json.dumps(RECORD) + "\n")
+    held = tmp_path / "held.jsonl"
+    held.write_text(json.dumps(RECORD) + "\n\n" + json.dumps({"question": "q", "soft": [1.0]}) + "\n")
+    assert main(args[:-2] + [f"eval_data={held}", f"output={tmp_path / 'out'}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and str(held) in err and "line 3" in err and "'steps'" in err, err
+    # a label field that is not a list of labels
+    data.write_text(json.dumps(dict(RECORD, soft=0.5)) + "\n")
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "line 1" in err and "'soft' is a float, not a list" in err, err
+
+
+def test_sft_records_are_checked_before_ray(tmp_path, no_ray, capsys):
+    import json
+
+    from jobs.train import main
+
+    data = tmp_path / "sft.jsonl"
+    data.write_text(json.dumps({"prompt": "1+1=", "completion": "2"}) + "\n" + json.dumps({"prompt": "2+2="}) + "\n")
+    assert main(["--config", "toy/sft", f"data={data}", f"output={tmp_path / 'out'}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and str(data) in err and "line 2" in err and "'completion'" in err, err

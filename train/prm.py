@@ -36,7 +36,7 @@ from pydantic import Field, model_validator
 
 from app.config import Config, ConfigError
 from train.loop import TrainConfig, TrainTask, fit_and_export
-from train.sft import read_jsonl
+from train.sft import check_records, read_jsonl
 
 
 class PRMTrainConfig(Config):
@@ -337,10 +337,16 @@ def math_shepherd_loss(model, batch, label_ids: tuple[int, int]):
 
 
 def check(cfg: PRMTrainConfig) -> None:
-    """What can be checked without Ray: the data files and the models exist."""
+    """What can be checked without Ray: the data files exist and every record has the fields training reads
+    (`question`, `steps` and the label field of `labels`: a missing one would be a KeyError inside a Ray Train
+    worker), and the models exist."""
     for p in (cfg.data, cfg.eval_data):
         if p and not Path(p).is_file():
             raise FileNotFoundError(f"prm data not found: {p}")
+    fields = {"question": str, "steps": list, cfg.labels: list}
+    for p in (cfg.data, cfg.eval_data):
+        if p:
+            check_records(p, fields, f" (labels: {cfg.labels} trains on it)")
     if cfg.token_labels > 0:
         from app.toy.checker import question_terms
 

@@ -70,6 +70,39 @@ def read_jsonl(path: str | Path) -> list[dict]:
     return out
 
 
+def check_records(path: str | Path, fields: dict[str, type | tuple[type, ...]], why: str = "") -> int:
+    """Every record of a JSONL file has each field, of its type: else one line naming the file, the line and the
+    field (a ConfigError, so a job exits 2 before Ray starts, instead of a KeyError inside a Ray Train worker).
+    Returns the number of records."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data file not found: {path}")
+    count = 0
+    with path.open() as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{path} line {n}: not valid JSON ({e.msg})") from None
+            if not isinstance(rec, dict):
+                raise ConfigError(f"{path} line {n}: a record must be a JSON object, not {type(rec).__name__}")
+            for key, kind in fields.items():
+                if key not in rec:
+                    raise ConfigError(f"{path} line {n}: the record has no {key!r} field{why}")
+                if not isinstance(rec[key], kind):
+                    raise ConfigError(f"{path} line {n}: field {key!r} is a {type(rec[key]).__name__}, "
+                                      f"not a {_kind_name(kind)}")
+            count += 1
+    return count
+
+
+def _kind_name(kind) -> str:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    return " or ".join({"str": "string", "list": "list", "dict": "object"}.get(k.__name__, k.__name__) for k in kinds)
+
+
 class SFTTask(TrainTask):
     def __init__(self, cfg: SFTConfig):
         self.cfg = cfg
@@ -166,9 +199,12 @@ def toy_greedy_accuracy(model, tokenizer, n_per_level: int, levels=(1, 2, 3, 4, 
 
 
 def check(cfg: SFTConfig) -> None:
-    """What can be checked without Ray: the data file and the model exist."""
-    if cfg.data != "toy:train" and not Path(cfg.data).is_file():
-        raise FileNotFoundError(f"sft data not found: {cfg.data}")
+    """What can be checked without Ray: the data file (every record has a prompt and a completion) and the model
+    exist."""
+    if cfg.data != "toy:train":
+        if not Path(cfg.data).is_file():
+            raise FileNotFoundError(f"sft data not found: {cfg.data}")
+        check_records(cfg.data, {"prompt": str, "completion": str})
     if not cfg.model.startswith("new:toy-"):
         from actors.replicas import check_model
 

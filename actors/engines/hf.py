@@ -27,7 +27,7 @@ import os
 import threading
 from typing import Sequence
 
-from actors.engines.base import encode_prompts, load_tokenizer, torch_dtype
+from actors.engines.base import count_parameters, encode_prompts, load_tokenizer, torch_dtype
 from app.contracts import Completion, GenerationRequest, apply_stop
 from actors.engines.prefix_cache import PrefixKVCache, batch_from_hits, row_kv
 
@@ -40,7 +40,9 @@ class HFEngine:
     max_batch_rows: rows (requests x n) decoded at once; bigger calls are split into chunks of this size.
     prefix_cache_mb: memory for the KV of rows that stopped on a stop string (a step), so the next call that
         continues them prefills only the new tokens (`prefix_cache.py`); 0 turns it off. The n rows of one
-        request always share one prefill.
+        request always share one prefill. Each completion reports the prompt tokens its request did not run
+        (`Completion.cached_tokens`).
+    num_parameters: every parameter; flop_parameters: the matmul parameters per token (`base.count_parameters`).
     """
 
     engine_name = "hf"
@@ -64,7 +66,9 @@ class HFEngine:
             self.path, dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code
         ).to(self.device)
         self.model.eval()
-        self.num_parameters = int(sum(p.numel() for p in self.model.parameters()))
+        counts = count_parameters(self.model)
+        self.num_parameters = counts.total  # every parameter
+        self.flop_parameters = counts.per_token  # what FLOPs are counted with (no untied input embeddings)
         self.max_batch_rows = max(1, int(max_batch_rows))
         self.max_model_len = int(getattr(self.model.config, "max_position_embeddings", 0) or 1 << 30)
         self.eos_token_ids = self._eos_ids()
@@ -120,25 +124,33 @@ class HFEngine:
         rows: list[tuple[int, int]] = [(i, k) for i, r in enumerate(requests) for k in range(r.n)]
         prompts = encode_prompts(self.encode, [r.prompt for r in requests], self.max_model_len)
         out: list[list[Completion | None]] = [[None] * r.n for r in requests]
+        ran = [0] * len(requests)  # prompt tokens each request's prefill really ran
         with self._lock:
             for lo in range(0, len(rows), self.max_batch_rows):
                 chunk = rows[lo: lo + self.max_batch_rows]
-                done = self._decode([(requests[i], prompts[i], k) for i, k in chunk])
-                for (i, k), c in zip(chunk, done):
+                done, prefilled = self._decode([(requests[i], prompts[i], k) for i, k in chunk])
+                for (i, k), c, t in zip(chunk, done, prefilled):
                     out[i][k] = c
+                    ran[i] += t
+        for i, group in enumerate(out):
+            # the rest of the prompt came from the prefix cache, or from an equal prompt earlier in the batch (a
+            # request split over two chunks prefills twice: counted once, as the n rows of one request are)
+            cached = max(0, len(prompts[i]) - ran[i])
+            for c in group:
+                c.cached_tokens = cached  # type: ignore[union-attr]
         return out  # type: ignore[return-value]
 
     # ----------------------------------------------------------------------------------------------------------
 
     def _prefill(self, prompts: list[list[int]]):
         """Run the unique prompts once, each from its longest cached prefix: (last-token logits [U, V], the KV
-        cache, the attention mask [U, columns])."""
+        cache, the attention mask [U, columns], the cached prefix length of each prompt)."""
         hits = [self.prefix_cache.lookup(p)[:2] if self.prefix_cache.enabled else (0, None) for p in prompts]
         ids, mask, pos, cache, _ = batch_from_hits(prompts, hits, self.pad_token_id)
         dev = self.device
         ids, mask, pos = ids.to(dev), mask.to(dev), pos.to(dev)
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
-        return out.logits[:, -1, :].float(), out.past_key_values, mask
+        return out.logits[:, -1, :].float(), out.past_key_values, mask, [c for c, _ in hits]
 
     def _remember(self, cache, j: int, cols, tokens: list[int]) -> None:
         """Store row j's keys and values (its unmasked columns) under its tokens, for the next step's call."""
@@ -146,7 +158,9 @@ class HFEngine:
         if kv and kv[0][0].shape[1] == len(tokens):
             self.prefix_cache.put(tokens, kv)
 
-    def _decode(self, rows: list[tuple[GenerationRequest, list[int], int]]) -> list[Completion]:
+    def _decode(self, rows: list[tuple[GenerationRequest, list[int], int]]) -> tuple[list[Completion], list[int]]:
+        """The rows' completions, and the prompt tokens each row's prefill ran (the first row of a unique prompt
+        carries its prefill; the others 0)."""
         import torch
 
         dev = self.device
@@ -156,11 +170,16 @@ class HFEngine:
         unique: dict[tuple[int, ...], int] = {}
         row_u = [unique.setdefault(tuple(p), len(unique)) for _, p, _ in rows]
         with torch.inference_mode():
-            logits, cache, step_mask = self._prefill([list(p) for p in unique])
+            logits, cache, step_mask, hit_lens = self._prefill([list(p) for p in unique])
             if len(unique) < B:
                 ru = torch.tensor(row_u, device=dev)
                 cache.batch_select_indices(ru)
                 logits, step_mask = logits[ru], step_mask[ru]
+        prefilled, seen = [0] * B, set()
+        for b, u in enumerate(row_u):
+            if u not in seen:
+                seen.add(u)
+                prefilled[b] = lens[b] - hit_lens[u]
 
         reqs = [r for r, _, _ in rows]
         temps = torch.tensor([r.temperature for r in reqs], dtype=torch.float32, device=dev)
@@ -245,7 +264,7 @@ class HFEngine:
                 cache = out.past_key_values
                 logits = out.logits[:, -1, :].float()
                 del out
-        return result  # type: ignore[return-value]
+        return result, prefilled  # type: ignore[return-value]
 
     @staticmethod
     def _sample(logits, temps, top_ps, greedy, any_top_p: bool, gens):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from actors.engines.base import torch_dtype
+from actors.engines.base import StepScores, count_parameters, torch_dtype
 from actors.engines.prefix_cache import PrefixKVCache, batch_from_hits, row_kv
 from actors.prm_formats import EncodedTrajectory, PRMFormat
 
@@ -15,7 +15,10 @@ class HFPRMEngine:
     is run through its body only, and the output embedding is applied at the score positions to the two label
     rows: the same logits as the full LM head, without a [batch, length, vocabulary] tensor.
     Search scores each path again with one more step; with `prefix_cache_mb` > 0 the keys, values and step scores
-    of every scored path are kept (`prefix_cache.py`), so a path that extends one runs only its new tokens.
+    of every scored path are kept (`prefix_cache.py`), so a path that extends one runs only its new tokens; each
+    trajectory's scores (`StepScores`) say how many of its tokens and scores the cache served.
+    num_parameters: every parameter; flop_parameters: the body's matmul parameters per token;
+    score_head_parameters: the head's, per score (`base.count_parameters`).
     """
 
     def __init__(self, path: str, fmt: PRMFormat, dtype: str = "float32", device: str | None = None,
@@ -33,7 +36,10 @@ class HFPRMEngine:
 
             model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype))
         self.model = model.to(self.device).eval()
-        self.num_parameters = sum(p.numel() for p in self.model.parameters())
+        counts = count_parameters(self.model, fmt.head)
+        self.num_parameters = counts.total
+        self.flop_parameters = counts.per_token
+        self.score_head_parameters = counts.per_score
         self.max_batch_tokens = max_batch_tokens
         tok = fmt.tokenizer
         pad = pad_token_id if pad_token_id is not None else tok.pad_token_id
@@ -90,7 +96,8 @@ class HFPRMEngine:
                             k += 1
                         else:
                             got[p] = known[p]
-                    out[i] = [got[p] for p in items[i].positions]
+                    out[i] = StepScores([got[p] for p in items[i].positions], cached_tokens=c,
+                                        cached_scores=sum(1 for p in items[i].positions if p < c))
                     if self.prefix_cache.enabled:
                         # the next call scores this path with one more step: keep its KV and its scores
                         self.prefix_cache.put(seqs[r], row_kv(kv_cache, r, mask[r].bool().to(dev)), got)

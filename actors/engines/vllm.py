@@ -30,7 +30,8 @@ import uuid
 from dataclasses import replace
 from typing import Any, Sequence
 
-from actors.engines.base import EngineUnavailable, encode_prompts, import_vllm, load_tokenizer  # noqa: F401
+from actors.engines.base import (EngineUnavailable, checkpoint_parameters, encode_prompts, import_vllm,  # noqa: F401
+                                 load_tokenizer)
 from app.contracts import Completion, GenerationRequest
 
 CPU_KV_CACHE_BYTES = 256 * 1024 * 1024
@@ -44,17 +45,6 @@ def _on_gpu() -> bool:
         return torch.cuda.is_available()
     except Exception:
         return False
-
-
-def count_parameters(path: str, trust_remote_code: bool = False) -> int:
-    """Parameters of the checkpoint's causal LM, counted on the meta device (no weights loaded)."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    cfg = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(cfg, trust_remote_code=trust_remote_code)
-    return int(sum(p.numel() for p in model.parameters()))
 
 
 class VLLMEngine:
@@ -141,7 +131,9 @@ class VLLMEngine:
             self._closed = True
             raise
         self.max_model_len = int(self.llm.model_config.max_model_len)
-        self.num_parameters = count_parameters(self.path, trust_remote_code)
+        counts = checkpoint_parameters(self.path, trust_remote_code=trust_remote_code)
+        self.num_parameters = counts.total  # every parameter
+        self.flop_parameters = counts.per_token  # what FLOPs are counted with (no untied input embeddings)
 
     # ----------------------------------------------------------------------------------------------------------
 
@@ -179,6 +171,9 @@ class VLLMEngine:
                                            request_id=uuid.uuid4().hex):
             final = out
         assert final is not None and final.finished
+        # prompt tokens vLLM's prefix cache served (whole blocks; None when prefix caching is off). With n > 1 vLLM
+        # runs n child requests and reports the last one's; ponder counts the prompt once per request.
+        cached = int(getattr(final, "num_cached_tokens", None) or 0)
         comps = []
         for o in sorted(final.outputs, key=lambda o: o.index):
             if o.finish_reason == "length":
@@ -194,10 +189,10 @@ class VLLMEngine:
                 finish_reason=reason, stop_reason=stop_reason,
                 cumulative_logprob=float(o.cumulative_logprob) if r.logprobs and o.cumulative_logprob is not None
                 else None,
-                token_ids=tuple(o.token_ids),
+                token_ids=tuple(o.token_ids), cached_tokens=cached,
             ))
         if r.temperature == 0 and r.n > 1:  # vLLM refuses greedy n > 1; the n greedy continuations are equal
-            comps = [comps[0]] + [replace(comps[0]) for _ in range(r.n - 1)]
+            comps = [comps[0]] + [replace(comps[0], copied=True) for _ in range(r.n - 1)]  # run once, not n times
         return comps
 
     async def _generate(self, requests: Sequence[GenerationRequest]) -> list[list[Completion]]:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import uuid
 from typing import Any, Sequence
 
-from actors.engines.base import import_vllm
+from actors.engines.base import StepScores, checkpoint_parameters, import_vllm
 
 CPU_KV_CACHE_BYTES = 256 * 2**20  # ample for PRM prefills of toy/1.5B models on CPU; raise it in engine_kwargs
 
@@ -80,18 +80,26 @@ class VLLMPRMEngine:
             self.engine = None
             model_config = self.llm.model_config
         self.max_length = model_config.max_model_len
-        self.num_parameters = _count_parameters(path, model_config)
+        counts = checkpoint_parameters(path, "classifier", trust_remote_code=bool(kw.get("trust_remote_code")))
+        self.num_parameters = counts.total
+        self.flop_parameters = counts.per_token
+        self.score_head_parameters = counts.per_score
 
     # -- results -------------------------------------------------------------------------------------------------
 
-    def _scores(self, item, data) -> list[float]:
+    def _scores(self, item, out) -> StepScores:
+        data = out.outputs.data
         rows = data.tolist() if hasattr(data, "tolist") else list(data)
         if len(rows) != len(item.positions):
             raise RuntimeError(
                 f"vLLM returned {len(rows)} step rows for a prompt with {len(item.positions)} step tags "
                 f"(step_tag_id={self.step_tag_id}); is the checkpoint's pooler the STEP pooler?"
             )
-        return [float(r[1]) for r in rows]
+        # vLLM turns prefix caching off for STEP pooling (ModelConfig.is_prefix_caching_supported, vLLM 0.32: the
+        # pooler needs the hidden state of every step tag), so this is 0 there; read anyway, should that change
+        cached = int(getattr(out, "num_cached_tokens", None) or 0)
+        return StepScores([float(r[1]) for r in rows], cached_tokens=cached,
+                          cached_scores=sum(1 for p in item.positions if p < cached))
 
     # -- async engine ----------------------------------------------------------------------------------------------
 
@@ -108,7 +116,7 @@ class VLLMPRMEngine:
             request_id=f"prm-{uuid.uuid4().hex}",
         ):
             pass
-        return self._scores(item, out.outputs.data)
+        return self._scores(item, out)
 
     async def ascore(self, items: Sequence) -> list[list[float]]:
         import asyncio
@@ -132,7 +140,7 @@ class VLLMPRMEngine:
         ) if todo else []
         result: list[list[float]] = [[] for _ in items]
         for i, o in zip(todo, outs):
-            result[i] = self._scores(items[i], o.outputs.data)
+            result[i] = self._scores(items[i], o)
         return result
 
     def shutdown(self) -> None:
@@ -142,28 +150,3 @@ class VLLMPRMEngine:
         if self.llm is not None:
             self.llm.llm_engine.engine_core.shutdown()
             self.llm = None
-
-
-def _count_parameters(path: str, model_config) -> int:
-    """Parameters of the checkpoint, from its safetensors headers (vLLM's model lives in another process)."""
-    import json
-    from pathlib import Path
-
-    total = 0
-    for f in sorted(Path(path).glob("*.safetensors")):
-        with open(f, "rb") as fh:
-            n = int.from_bytes(fh.read(8), "little")
-            header = json.loads(fh.read(n))
-        for k, v in header.items():
-            if k != "__metadata__":
-                c = 1
-                for d in v["shape"]:
-                    c *= d
-                total += c
-    if total:
-        return total
-    # not a local safetensors checkpoint: estimate from the config (embeddings + layers), good to a few percent
-    cfg = model_config.hf_config
-    h, L, i, v = cfg.hidden_size, cfg.num_hidden_layers, cfg.intermediate_size, cfg.vocab_size
-    kv = getattr(cfg, "num_key_value_heads", cfg.num_attention_heads) * (h // cfg.num_attention_heads)
-    return v * h + L * (2 * h * h + 2 * h * kv + 3 * h * i) + h * h + 2 * h

@@ -46,10 +46,10 @@ def sample_solutions(
 
 def solve(
     problem_prompt: str, question: str, policy: PolicyHandle, prm: RewardHandle | None, cfg: MajorityConfig,
-    problem_id: str | None = None,
+    problem_id: str | None = None, tag: str = "majority",
 ) -> list[Trajectory]:
     """The n solutions. `problem_id` keys the request seed (default: the question text)."""
-    trajs = sample_solutions(problem_prompt, policy, cfg, cfg.n, "majority", problem_key(question, problem_id))
+    trajs = sample_solutions(problem_prompt, policy, cfg, cfg.n, tag, problem_key(question, problem_id))
     if cfg.score and prm is not None:
         scored = [t for t in trajs if t.steps]
         for t, s in zip(scored, score_paths(prm, question, [t.steps for t in scored])):

@@ -5,7 +5,9 @@
 A record holds: id, question, gold answer, level; the method and its full config; every trajectory the method
 returned (steps, per-step scores, finished flag, extracted answer, correctness); the chosen completion under each
 selection rule (naive / weighted / maj) at every n = 1, 2, 4, ... N with its answer and correctness; and the compute
-spent (prompt, generated and PRM tokens, FLOPs, wall seconds), from the handles' `Usage`.
+spent (prompt, generated and PRM tokens, FLOPs, wall seconds), from the handles' `Usage`, two ways: the plain keys
+nominal (every prompt token of every call, every PRM token of every re-scored path: what the papers count), the
+`computed_` keys what the engines really ran after their prefix caches (see `app.contracts.Usage`).
 
 A method may run in parts (DVTS: one part per subtree, each its own Ray task): `solve_part` runs one part and
 returns a plain dict; `record_from_parts` joins the parts (in part order) into the record. `solve_problem` is the
@@ -23,7 +25,10 @@ from app.search.registry import get_method, method_config
 from app.search.select import RULES, select_all
 from app.search.tree import Trajectory
 
-COMPUTE_KEYS = ("prompt_tokens", "generated_tokens", "prm_tokens", "policy_flops", "prm_flops", "policy_calls", "prm_calls")
+# nominal figures, then the computed ones (the same less what prefix caches served and copies the engine did not run)
+COMPUTE_KEYS = ("prompt_tokens", "generated_tokens", "prm_tokens", "policy_flops", "prm_flops", "policy_calls", "prm_calls",
+                "computed_prompt_tokens", "computed_generated_tokens", "computed_prm_tokens", "computed_policy_flops",
+                "computed_prm_flops")
 
 
 def _field(problem: Any, name: str, default: Any = None) -> Any:
@@ -117,7 +122,8 @@ def record_from_parts(
             for n, i in chosen[rule].items()
         }
     usage = {k: sum(p["usage"].get(k, 0) for p in parts) for k in COMPUTE_KEYS}
-    usage["flops"] = usage["policy_flops"] + usage["prm_flops"]
+    usage["flops"] = usage["policy_flops"] + usage["prm_flops"]  # nominal
+    usage["computed_flops"] = usage["computed_policy_flops"] + usage["computed_prm_flops"]
     if parts:
         usage["seconds"] = max(p["start"] + p["seconds"] for p in parts) - min(p["start"] for p in parts)
         usage["task_seconds"] = sum(p["seconds"] for p in parts)

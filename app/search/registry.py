@@ -2,10 +2,12 @@
 
 Every solve function has the same signature:
 
-    solve(problem_prompt: str, question: str, policy: PolicyHandle, prm: RewardHandle | None, cfg) -> list[Trajectory]
+    solve(problem_prompt: str, question: str, policy: PolicyHandle, prm: RewardHandle | None, cfg,
+          problem_id: str | None = None) -> list[Trajectory]
 
 `problem_prompt` is the full prompt the policy continues (template applied); `question` is the bare problem text
-the PRM reads. The returned trajectories are in the order selection subsamples them (first n for every n).
+the PRM reads; `problem_id` keys the request seeds (default: the question text), so problems draw different
+numbers. The returned trajectories are in the order selection subsamples them (first n for every n).
 """
 from __future__ import annotations
 

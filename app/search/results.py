@@ -24,6 +24,7 @@ from typing import Any, Iterable, Iterator
 from app.search.select import RULES
 
 SHARD_GLOB = "shard-*.jsonl"
+COMPUTED_KEYS = ("computed_prompt_tokens", "computed_generated_tokens", "computed_prm_tokens", "computed_flops")
 PLAN_FILE = "problems.json"
 FAILURES_FILE = "failures.jsonl"
 
@@ -220,6 +221,8 @@ def summarize(records: list[dict], expected: dict[str, Any] | None = None, faile
     Returns {"problems": K, "solved": k (problems with a record, right or wrong), "failed": f, "missing": m,
     "method": ..., "N": ..., "accuracy": {rule: {n: acc}}, "compute": {key: mean per record}}, K = k + f + m.
     Accuracy at n is over K less the records that do not report that n (none, for one run).
+    Compute: the nominal tokens and FLOPs (prompt_tokens, generated_tokens, prm_tokens, flops), the computed ones
+    (computed_...: after the engines' prefix caches; None when no record reports them) and wall seconds.
     """
     ids = {r["id"] for r in records}
     failed_ids = set(failed) - ids
@@ -234,6 +237,10 @@ def summarize(records: list[dict], expected: dict[str, Any] | None = None, faile
         k: (sum(float((r.get("compute") or {}).get(k, 0.0)) for r in records) / len(records) if records else 0.0)
         for k in keys
     }
+    # computed after the prefix caches: over the records that report it (none before it was counted)
+    counted = [r for r in records if "computed_flops" in (r.get("compute") or {})]
+    for k in COMPUTED_KEYS:
+        compute[k] = sum(float(r["compute"].get(k, 0.0)) for r in counted) / len(counted) if counted else None
     methods = sorted({str(r.get("method")) for r in records})
     unsolved = total - len(records)
     return {
@@ -256,11 +263,12 @@ def _fmt_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def _human(x: float) -> str:
+def _flops(x: float) -> str:
+    """FLOPs with a unit prefix: "20.1 GFLOPs"."""
     for unit, div in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if abs(x) >= div:
-            return f"{x / div:.3g}{unit}"
-    return f"{x:.3g}"
+            return f"{x / div:.3g} {unit}FLOPs"
+    return f"{x:.3g} FLOPs"
 
 
 def format_summary(records: list[dict], title: str = "", expected: dict[str, Any] | None = None,
@@ -282,16 +290,25 @@ def format_summary(records: list[dict], title: str = "", expected: dict[str, Any
         rows.append([rule] + [f"{s['accuracy'][rule][n]:.3f}" if n in s["accuracy"][rule] else "-" for n in ns])
     c = s["compute"]
     head = f"{title + ': ' if title else ''}{s['method']}, {s['problems']} problems, N={s['N']}"
-    per = (
-        f"per solved problem: {c['prompt_tokens']:.0f} prompt tokens, {c['generated_tokens']:.0f} generated tokens, "
-        f"{c['prm_tokens']:.0f} PRM tokens, {_human(c['flops'])}FLOPs, {c['seconds']:.2f} s"
-    )
+    if c["computed_flops"] is None:  # records written before compute was counted both ways
+        per = (
+            f"per solved problem: {c['prompt_tokens']:.0f} prompt tokens, {c['generated_tokens']:.0f} generated "
+            f"tokens, {c['prm_tokens']:.0f} PRM tokens, nominal {_flops(c['flops'])}, {c['seconds']:.2f} s"
+        )
+    else:
+        per = (
+            f"per solved problem: {c['prompt_tokens']:.0f} prompt tokens ({c['computed_prompt_tokens']:.0f} computed), "
+            f"{c['generated_tokens']:.0f} generated tokens ({c['computed_generated_tokens']:.0f} computed), "
+            f"{c['prm_tokens']:.0f} PRM tokens ({c['computed_prm_tokens']:.0f} computed), "
+            f"nominal {_flops(c['flops'])}, computed {_flops(c['computed_flops'])}, {c['seconds']:.2f} s"
+        )
     return "\n".join([head, counts, _fmt_table(header, rows), per])
 
 
 def format_report(records: list[dict], by_level: bool = False, title: str = "", expected: dict[str, Any] | None = None,
                   failed: Iterable[str] = ()) -> str:
-    """The summary over every problem (`summarize`), then (by_level) one summary per difficulty level."""
+    """The summary over every problem (`summarize`), then (by_level) one summary per difficulty level, then what
+    nominal and computed compute mean."""
     failed = set(failed)
     out = [format_summary(records, title, expected, failed)]
     if by_level:
@@ -303,4 +320,7 @@ def format_report(records: list[dict], by_level: bool = False, title: str = "", 
             ids = levels[lvl]
             out.append("")
             out.append(format_summary([r for r in records if r["id"] in ids], f"level {lvl}", ids, failed & set(ids)))
+    if any("computed_flops" in (r.get("compute") or {}) for r in records):
+        out += ["", "nominal: every prompt token of every call and every PRM token of every re-scored path, as the "
+                    "papers count; computed: what the engines ran after their prefix caches"]
     return "\n".join(out)

@@ -1,7 +1,8 @@
 """Monte-Carlo process supervision (Math-Shepherd): step labels from completions of every step prefix.
 
 For each problem, `samples` trajectories are sampled from the policy; for every step prefix of each trajectory,
-`k` completions are sampled (temperature 0.7 as in RLHFlow's re-run of Math-Shepherd) and graded. The step's
+`k` completions are sampled and graded (defaults as RLHFlow's re-run of Math-Shepherd: 15 samples, k = 16,
+temperature 0.7; the toy world's build uses fewer, see configs/toy/world.yaml). The step's
 soft label is the fraction of completions that reach the right answer, its hard label 1 if any does. A prefix
 that already holds a final answer needs no completions: its label is whether that answer is right. Identical
 prefixes of one problem (two samples that agree on their first steps) are completed once.
@@ -51,10 +52,12 @@ class MCLabelConfig(Config):
     offset: int = Field(0, ge=0, description="toy sources: skip this many problems per level first")
     limit: int | None = Field(None, ge=1, description="other sources: at most this many problems")
     prompt: Literal["toy", "plain"] = "toy"
-    samples: int = Field(4, ge=1, description="trajectories sampled per problem")
-    k: int = Field(8, ge=0, description="completions per step prefix; 0: toy problems only, label steps with the "
-                   "toy world's exact checker instead (see the module docstring)")
-    temperature: float = Field(0.7, ge=0)
+    # Defaults: the published setting (RLHFlow's re-run of Math-Shepherd: 15 solutions per problem, 16 completions
+    # per step, temperature 0.7). The toy world's recipe (configs/toy/world.yaml, `mc:`) passes smaller ones.
+    samples: int = Field(15, ge=1, description="trajectories sampled per problem (published: 15)")
+    k: int = Field(16, ge=0, description="completions per step prefix (published: 16); 0: toy problems only, label "
+                   "steps with the toy world's exact checker instead (see the module docstring)")
+    temperature: float = Field(0.7, ge=0, description="for the samples and the completions (published: 0.7)")
     top_p: float = Field(1.0, gt=0, le=1)
     max_tokens: int = Field(400, ge=1)
     step_delimiter: str = "\n\n"
