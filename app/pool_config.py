@@ -37,7 +37,9 @@ class PoolConfig(Config):
         batch waits for others). vLLM batches continuously by itself and ignores them.
     dtype: model dtype ("float32", "bfloat16", "float16", "auto"; bf16/fp16/fp32/half are read as those).
     engine_kwargs: passed to the engine's constructor as is, e.g. for vLLM `gpu_memory_utilization`,
-        `enable_prefix_caching`, `max_model_len`, `seed`; for HF `max_batch_rows`, `prefix_cache_mb`.
+        `enable_prefix_caching`, `max_model_len`, `seed`; for HF `max_batch_rows`, `prefix_cache_mb`; for either
+        policy engine `quirk_double_bos` (default false: a prompt whose chat template renders BOS gets no second
+        one; true keeps the reference's double BOS).
     max_concurrency: concurrent calls one replica accepts (async actor).
     max_retries: how many times a call is retried when its replica dies (Ray restarts it meanwhile).
     """

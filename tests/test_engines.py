@@ -224,6 +224,91 @@ def test_vllm_async_generate_runs_requests_concurrently(vllm_engine):
     assert [o[0][0].text for o in out] == [greedy_text(vllm_engine, p, 8).text for p in PROMPTS]
 
 
+# --- prompt encoding: one BOS for a chat prompt that renders it ------------------------------------------------
+
+LLAMA_BOS = "<|begin_of_text|>"
+LLAMA_TEMPLATE = (  # Llama-3's layout: the template writes BOS as text
+    "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+    "{{ m['content'] }}<|eot_id|>{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
+
+
+def _llama_like_tokenizer():
+    """The toy world's character vocabulary with Llama-3's BOS, header tokens and chat template, and a post-processor
+    that adds BOS to every encoding (as Llama-3's tokenizer does by default)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    from app.toy.tokenizer import CHARS, EOS, PAD, UNK
+
+    specials = [PAD, EOS, UNK, LLAMA_BOS, "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+    vocab = {t: i for i, t in enumerate(specials + CHARS)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.add_special_tokens(specials)
+    bos_id = vocab[LLAMA_BOS]
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{LLAMA_BOS} $A", pair=f"{LLAMA_BOS} $A {LLAMA_BOS} $B", special_tokens=[(LLAMA_BOS, bos_id)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, eos_token=EOS, unk_token=UNK,
+                                   bos_token=LLAMA_BOS, clean_up_tokenization_spaces=False)
+    fast.chat_template = LLAMA_TEMPLATE
+    return fast
+
+
+def _chat_prompt(tok) -> str:
+    return tok.apply_chat_template([{"role": "user", "content": "What is 12 + 30?"}], tokenize=False,
+                                   add_generation_prompt=True)
+
+
+def test_chat_prompt_that_renders_bos_is_encoded_with_one_bos_and_two_with_quirk_double_bos():
+    from actors.engines.base import encode_prompt
+
+    tok = _llama_like_tokenizer()
+    bos = tok.bos_token_id
+    prompt = _chat_prompt(tok)
+    assert prompt.startswith(LLAMA_BOS)
+    assert tok(prompt)["input_ids"][:3].count(bos) == 2  # the tokenizer's defaults: what the reference feeds
+
+    one = encode_prompt(tok, prompt)
+    assert one[0] == bos and one.count(bos) == 1
+    assert one == tok(prompt, add_special_tokens=False)["input_ids"]  # the text's own tokens, nothing added
+    two = encode_prompt(tok, prompt, quirk_double_bos=True)
+    assert two == [bos] + one  # the reference's double BOS, restored by the flag
+
+    # a prompt without a rendered BOS gets the tokenizer's BOS as today; token ids are used as given
+    plain = "Question: 12 + 30?\n\n"
+    assert encode_prompt(tok, plain) == tok(plain)["input_ids"] == [bos] + tok(plain, add_special_tokens=False)[
+        "input_ids"]
+    assert encode_prompt(tok, two) == two and encode_prompt(tok, (bos, bos, 5)) == [bos, bos, 5]
+    # the toy tokenizer (a bos_token it never adds) is unchanged, with the BOS text or without
+    from app.toy.tokenizer import build_tokenizer
+
+    toy = build_tokenizer()
+    for text in (plain, toy.bos_token + plain):
+        assert encode_prompt(toy, text) == encode_prompt(toy, text, quirk_double_bos=True) == toy(text)["input_ids"]
+
+
+def test_both_policy_engines_encode_prompts_with_one_bos_unless_quirk_double_bos(tiny_policy):
+    """HF and vLLM encode a prompt through the same helper, with the flag from their engine keywords."""
+    import inspect
+
+    from actors.engines.hf import HFEngine
+    from actors.engines.vllm import VLLMEngine
+
+    tok = _llama_like_tokenizer()
+    bos, prompt = tok.bos_token_id, _chat_prompt(tok)
+    for cls in (HFEngine, VLLMEngine):
+        assert inspect.signature(cls.__init__).parameters["quirk_double_bos"].default is False
+        for quirk, n_bos in ((False, 1), (True, 2)):
+            eng = object.__new__(cls)  # encoding needs only the tokenizer and the flag: no model, no vLLM start
+            eng.tokenizer, eng.quirk_double_bos, eng._closed = tok, quirk, True
+            ids = eng.encode(prompt)
+            assert ids[:n_bos] == [bos] * n_bos and ids.count(bos) == n_bos, (cls.__name__, quirk)
+    assert HFEngine(tiny_policy, quirk_double_bos=True).quirk_double_bos is True  # a pool's engine_kwargs reach it
+
+
 # --- import guard -------------------------------------------------------------------------------------------------
 
 def test_vllm_missing_gives_one_clear_line(monkeypatch, tiny_policy):

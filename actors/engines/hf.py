@@ -7,7 +7,9 @@ KV cache rows are dropped) so the rest decode faster.
 
 Semantics, kept identical to `actors.engines.vllm.VLLMEngine` so either engine serves every search method:
 
-- prompts are tokenized with the tokenizer's defaults (special tokens as the tokenizer adds them, as vLLM does);
+- prompts are tokenized with the tokenizer's defaults (special tokens as the tokenizer adds them, as vLLM does),
+  except that a text which already starts with the tokenizer's BOS token (a chat template that renders it, as
+  Llama-3's does) gets no second one, unless `quirk_double_bos` (`base.encode_prompt`, shared with vLLM);
   a prompt given as token ids is used as is;
 - temperature 0 is greedy; otherwise logits / temperature, then nucleus (top_p) filtering, then sampling;
 - a request with `seed=s` samples its k-th continuation (k = 0..n-1) from a generator seeded with `s + k` (vLLM
@@ -27,7 +29,7 @@ import os
 import threading
 from typing import Sequence
 
-from actors.engines.base import count_parameters, encode_prompts, load_tokenizer, torch_dtype
+from actors.engines.base import count_parameters, encode_prompt, encode_prompts, load_tokenizer, torch_dtype
 from app.contracts import Completion, GenerationRequest, apply_stop
 from actors.engines.prefix_cache import PrefixKVCache, batch_from_hits, row_kv
 
@@ -42,13 +44,17 @@ class HFEngine:
         continues them prefills only the new tokens (`prefix_cache.py`); 0 turns it off. The n rows of one
         request always share one prefill. Each completion reports the prompt tokens its request did not run
         (`Completion.cached_tokens`).
+    quirk_double_bos: reference quirk (search-and-learn): a text prompt that already starts with the tokenizer's
+        BOS token (rendered by a chat template) gets the tokenizer's BOS added again, two BOS tokens; off by
+        default, one BOS (`base.encode_prompt`).
     num_parameters: every parameter; flop_parameters: the matmul parameters per token (`base.count_parameters`).
     """
 
     engine_name = "hf"
 
     def __init__(self, model: str, dtype: str = "float32", device: str = "auto", max_batch_rows: int = 256,
-                 num_threads: int | None = None, trust_remote_code: bool = False, prefix_cache_mb: float = 512.0):
+                 num_threads: int | None = None, trust_remote_code: bool = False, prefix_cache_mb: float = 512.0,
+                 quirk_double_bos: bool = False):
         import torch
         from transformers import AutoModelForCausalLM
 
@@ -62,6 +68,7 @@ class HFEngine:
         if num_threads:
             torch.set_num_threads(num_threads)
         self.tokenizer = load_tokenizer(self.path, trust_remote_code)
+        self.quirk_double_bos = bool(quirk_double_bos)
         self.model = AutoModelForCausalLM.from_pretrained(
             self.path, dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code
         ).to(self.device)
@@ -115,9 +122,7 @@ class HFEngine:
     # ----------------------------------------------------------------------------------------------------------
 
     def encode(self, prompt: str | Sequence[int]) -> list[int]:
-        if isinstance(prompt, str):
-            return list(self.tokenizer(prompt)["input_ids"])
-        return [int(t) for t in prompt]
+        return encode_prompt(self.tokenizer, prompt, self.quirk_double_bos)
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[list[Completion]]:
         """One list of `n` completions per request, in order; all rows decode in left-padded batches."""

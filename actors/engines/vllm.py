@@ -5,7 +5,8 @@ callers (the PolicyActor's) are batched continuously by vLLM. `engine.generate_s
 form. The engine runs its own event loop in a background thread, so both forms work from any thread or loop.
 
 Semantics match `actors.engines.hf.HFEngine` (see its docstring): prompts are tokenized by the same Hugging Face
-tokenizer and passed as token ids; stop strings are kept in the text (`include_stop_str_in_output`);
+tokenizer through the same helper (`base.encode_prompt`: one BOS for a chat prompt that renders it, unless
+`quirk_double_bos`) and passed as token ids; stop strings are kept in the text (`include_stop_str_in_output`);
 finish reasons map vLLM's ("stop" with a stop string -> "stop"; "stop" without one, i.e. EOS or a stop token ->
 "eos"; "length"); n > 1 children of a seeded request use seeds s, s+1, ... (vLLM's own rule);
 cumulative_logprob is vLLM's (raw logprobs of the chosen tokens), reported when the request asks.
@@ -30,8 +31,8 @@ import uuid
 from dataclasses import replace
 from typing import Any, Sequence
 
-from actors.engines.base import (EngineUnavailable, checkpoint_parameters, encode_prompts, import_vllm,  # noqa: F401
-                                 load_tokenizer)
+from actors.engines.base import (EngineUnavailable, checkpoint_parameters, encode_prompt,  # noqa: F401
+                                 encode_prompts, import_vllm, load_tokenizer)
 from app.contracts import Completion, GenerationRequest
 
 CPU_KV_CACHE_BYTES = 256 * 1024 * 1024
@@ -56,6 +57,9 @@ class VLLMEngine:
     gpu_memory_utilization: the recipe's value on GPU (default 0.9); on CPU the share of RAM for the KV cache.
     kv_cache_memory_bytes: an explicit KV cache size (CPU default CPU_KV_CACHE_BYTES when neither is given).
     enable_prefix_caching, max_model_len, seed, enforce_eager, max_num_seqs: as in vLLM.
+    quirk_double_bos: reference quirk (search-and-learn, where vLLM tokenizes the rendered text prompt): a text
+        prompt that already starts with the tokenizer's BOS token gets BOS added again, two BOS tokens; off by
+        default, one BOS (`base.encode_prompt`, as the HF engine). Not a vLLM argument.
     engine_args: any further `AsyncEngineArgs` fields, as is.
     """
 
@@ -65,7 +69,7 @@ class VLLMEngine:
                  enable_prefix_caching: bool = True, gpu_memory_utilization: float | None = None,
                  kv_cache_memory_bytes: int | None = None, max_model_len: int | None = None, seed: int = 0,
                  enforce_eager: bool | None = None, max_num_seqs: int | None = None,
-                 trust_remote_code: bool = False, **engine_args: Any):
+                 trust_remote_code: bool = False, quirk_double_bos: bool = False, **engine_args: Any):
         import_vllm()
         from vllm import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
@@ -113,6 +117,7 @@ class VLLMEngine:
         # Prompts are tokenized here, by the checkpoint's own tokenizer (see load_tokenizer), and reach vLLM
         # as token ids, so both engines see the same prompt tokens.
         self.tokenizer = load_tokenizer(self.path, trust_remote_code)
+        self.quirk_double_bos = bool(quirk_double_bos)
         # AsyncLLM binds its output handler to the event loop running where it is built (e.g. an async Ray
         # actor's loop, which also runs __init__). Build it inside the engine's own loop thread, so every request
         # and the output handler share one loop whatever thread or loop the callers come from.
@@ -138,9 +143,7 @@ class VLLMEngine:
     # ----------------------------------------------------------------------------------------------------------
 
     def encode(self, prompt: str | Sequence[int]) -> list[int]:
-        if isinstance(prompt, str):
-            return list(self.tokenizer(prompt)["input_ids"])
-        return [int(t) for t in prompt]
+        return encode_prompt(self.tokenizer, prompt, self.quirk_double_bos)
 
     def _params(self, r: GenerationRequest, prompt_len: int):
         from vllm import SamplingParams
