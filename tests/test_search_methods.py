@@ -417,7 +417,7 @@ def world_prm(steps):
     return 0.2 + 0.2 * (sum(map(ord, "".join(steps))) % 4)
 
 
-@pytest.mark.parametrize("method,cfg", [
+EVERY_METHOD = [
     ("greedy", {}),
     ("majority", {"n": 4}),
     ("best_of_n", {"n": 4}),
@@ -425,7 +425,10 @@ def world_prm(steps):
     ("dvts", {"n": 4, "beam_width": 2}),
     ("rebase", {"width": 4}),
     ("mcts", {"num_sequence": 4, "tree_max_width": 2}),
-])
+]
+
+
+@pytest.mark.parametrize("method,cfg", EVERY_METHOD)
 def test_every_method_gives_a_record(method, cfg):
     policy, prm = ScriptedPolicy(world, prefix=P), ScriptedPRM(world_prm)
     rec = run(Prob(f"w-{method}", "1", level=2), method, cfg, policy, prm)
@@ -438,15 +441,7 @@ def test_every_method_gives_a_record(method, cfg):
     assert rec["compute"]["generated_tokens"] == policy.usage.generated_tokens > 0
 
 
-@pytest.mark.parametrize("method,cfg", [
-    ("greedy", {}),
-    ("majority", {"n": 4}),
-    ("best_of_n", {"n": 4}),
-    ("beam_search", {"n": 4, "beam_width": 2}),
-    ("dvts", {"n": 4, "beam_width": 2}),
-    ("rebase", {"width": 4}),
-    ("mcts", {"num_sequence": 4, "tree_max_width": 2}),
-])
+@pytest.mark.parametrize("method,cfg", EVERY_METHOD)
 def test_request_seeds_depend_on_the_problem(method, cfg):
     def seeds(problem_id, question=Q, part=None):
         policy = ScriptedPolicy(world, prefix=P)  # cycle mode: the same search whatever the seeds

@@ -60,8 +60,8 @@ def pending(recipe: SearchRecipe, problems: Sequence[Problem], everything: dict[
     out_dir = Path(recipe.output_dir)
     write_run_config(out_dir, {**recipe.identity(), "config": recipe.model_dump(mode="json")}, list(recipe.identity()))
     write_plan(out_dir, everything if everything is not None else {p.id: p.level for p in problems})
-    clear_failures(out_dir)
     done = finished_ids(out_dir)
+    clear_failures(out_dir, done)
     return [p for p in problems if p.id not in done]
 
 

@@ -168,17 +168,19 @@ def write_failure(out_dir: str | Path, problem_id: str, error: str) -> None:
         os.fsync(f.fileno())
 
 
-def read_failures(out_dir: str | Path) -> dict[str, str]:
-    """The failed problems that have no record: id -> the last one-line error."""
+def read_failures(out_dir: str | Path, done: set | None = None) -> dict[str, str]:
+    """The failed problems that have no record: id -> the last one-line error. `done`: the ids with a record, where
+    the caller has read them already (else they are read here)."""
     path = Path(out_dir) / FAILURES_FILE
     if not path.is_file():
         return {}
     errors = {rec["id"]: str(rec.get("error", "")) for rec in _iter_lines(path)}
-    done = finished_ids(out_dir) if errors else set()
-    return {k: v for k, v in errors.items() if k not in done}
+    if errors and done is None:
+        done = finished_ids(out_dir)
+    return {k: v for k, v in errors.items() if k not in (done or ())}
 
 
-def clear_failures(out_dir: str | Path) -> None:
+def clear_failures(out_dir: str | Path, done: set | None = None) -> None:
     """Drop the lines of failures.jsonl whose problem now has a record (or that repeat an id).
 
     Best effort where shard jobs share the directory: a failure appended by another job while this rewrite runs
@@ -188,7 +190,9 @@ def clear_failures(out_dir: str | Path) -> None:
     if not path.is_file():
         return
     lines = list(_iter_lines(path))
-    keep = read_failures(out_dir)
+    if done is None:
+        done = finished_ids(out_dir)
+    keep = {rec["id"] for rec in lines if rec["id"] not in done}
     if len(lines) != len(keep):
         kept = {rec["id"]: rec for rec in lines if rec["id"] in keep}  # the last line per id
         _write_atomic(path, "".join(json.dumps(rec, ensure_ascii=False) + "\n" for rec in kept.values()))
