@@ -2,15 +2,20 @@
 
 A subclass loads its engine and says how a call is batched; the base keeps the counters and answers `ready`,
 `info`, `stats`, `reset_stats` and `shutdown` the same way for both, so pools, benches and tests read one shape.
+An engine that dies (`actors.engines.base.engine_dead`) takes its actor with it, so that Ray restarts both.
 """
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import time
 from typing import Any, Awaitable, Callable
 
 from actors.batching import BatchStats, MicroBatcher
+from actors.engines.base import engine_dead
+
+log = logging.getLogger(__name__)
 
 
 class ModelActor:
@@ -40,6 +45,14 @@ class ModelActor:
         t0 = time.perf_counter()
         try:
             return await run()
+        except Exception as e:
+            if engine_dead(e):
+                # The actor would live on around a dead engine (vLLM raises EngineDeadError for every later call)
+                # and least-loaded routing would feed it MORE work. Exiting hands it to Ray, which restarts the
+                # actor (max_restarts=-1); the pool retries its callers' requests on the replicas that are alive.
+                log.error("engine dead (%s: %s); exiting so that Ray restarts this replica", type(e).__name__, e)
+                os._exit(1)
+            raise
         finally:
             self.inflight -= 1
             self.busy_s += time.perf_counter() - t0
@@ -53,8 +66,16 @@ class ModelActor:
         return True
 
     def info(self) -> dict:
-        return dict(engine=self.engine_name, model=self.model, num_parameters=self.num_parameters, pid=os.getpid(),
-                    host=socket.gethostname(), load_seconds=self.load_seconds)
+        """Includes where Ray placed this replica (its resources, placement group, node), as the dry run planned."""
+        import ray
+
+        d = dict(engine=self.engine_name, model=self.model, num_parameters=self.num_parameters, pid=os.getpid(),
+                 host=socket.gethostname(), load_seconds=self.load_seconds)
+        if ray.is_initialized():  # not when a test builds the actor class in its own process
+            ctx = ray.get_runtime_context()
+            d.update(node_id=ctx.get_node_id(), resources=dict(ctx.get_assigned_resources()),
+                     placement_group=ctx.get_placement_group_id(), gpu_ids=[str(g) for g in ray.get_gpu_ids()])
+        return d
 
     def stats(self) -> dict:
         """Calls served; for a micro-batched engine its batches (sizes in items; a failed merged batch run again

@@ -104,11 +104,12 @@ def validate_policy_config(cfg: PoolConfig) -> None:
     check_model(cfg.model)
 
 
-def start_policy_pool(cfg: PoolConfig, name: str = "policy", ready_timeout_s: float = 900.0) -> ModelPool:
+def start_policy_pool(cfg: PoolConfig, name: str = "policy", ready_timeout_s: float = 900.0,
+                      placement: dict | None = None) -> ModelPool:
     """Start `cfg.replicas` PolicyActors (Ray must be initialised, else a local cluster is started) and wait
     until each has loaded its model. Bad configs raise ConfigError (one line) before anything starts."""
     validate_policy_config(cfg)
     pool, info = start_replicas(
         PolicyActor, dict(engine=cfg.engine, model=cfg.model, dtype=cfg.dtype, max_batch=cfg.max_batch,
-                          gather_ms=cfg.gather_ms), cfg, name, ready_timeout_s)
+                          gather_ms=cfg.gather_ms), cfg, name, ready_timeout_s, **(placement or {}))
     return ModelPool(cfg, pool, info, PolicyClient)

@@ -13,6 +13,8 @@ caller, with a `PRMInputError` that names it.
 """
 from __future__ import annotations
 
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal, Sequence
 
 from actors.engines.base import INSTALL_HINT, load_tokenizer, vllm_available
@@ -61,6 +63,7 @@ class PRMActor(ModelActor):
         if self._async:  # vLLM's async engine batches continuously by itself
             self.batcher = None
         self.max_length = getattr(self.engine, "max_length", None)
+        self._encoder = ThreadPoolExecutor(1, thread_name_prefix="prm-encode")
 
     def encode(self, question: str, trajectories: Sequence[Sequence[str]]) -> list[EncodedTrajectory]:
         encoded = [self.fmt.encode(question, list(t), index=i) for i, t in enumerate(trajectories)]
@@ -74,7 +77,11 @@ class PRMActor(ModelActor):
         return encoded
 
     async def score(self, question: str, trajectories: Sequence[Sequence[str]]) -> ScoreResult:
-        encoded = self.encode(question, trajectories)
+        # Laying trajectories out renders and tokenizes every step prefix (RLHFlow: a chat template per step): off
+        # the event loop, so that new calls keep arriving while it runs; one thread, as HF tokenizers are not
+        # safe to share between threads.
+        encoded = await asyncio.get_running_loop().run_in_executor(self._encoder, self.encode, question,
+                                                                   trajectories)
         if self._async:
             scores = await self._serve(lambda: self.engine.ascore(encoded))
         else:
@@ -132,12 +139,13 @@ def validate_prm_config(cfg: PRMPoolConfig) -> None:
         check_model(cfg.model)
 
 
-def start_prm_pool(cfg: PRMPoolConfig, name: str = "prm", ready_timeout_s: float = 900.0) -> ModelPool:
+def start_prm_pool(cfg: PRMPoolConfig, name: str = "prm", ready_timeout_s: float = 900.0,
+                      placement: dict | None = None) -> ModelPool:
     """Start `cfg.replicas` PRMActors (Ray must be initialised, else a local cluster is started) and wait until
     each has loaded its model. Bad configs raise ConfigError (one line) before anything starts."""
     validate_prm_config(cfg)
     pool, info = start_replicas(
         PRMActor, dict(model=cfg.model, format=cfg.format, engine=cfg.engine, dtype=cfg.dtype,
                        max_batch=cfg.max_batch, gather_ms=cfg.gather_ms, step_delimiter=cfg.step_delimiter),
-        cfg, name, ready_timeout_s)
+        cfg, name, ready_timeout_s, **(placement or {}))
     return ModelPool(cfg, pool, info, PRMClient, shutdown_timeout_s=60.0)

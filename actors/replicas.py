@@ -44,71 +44,60 @@ class ReplicaPool:
         pool.shutdown()
 
     - `actor_cls`: a plain class or a `ray.remote` class. Replicas get `max_restarts=-1`, `max_concurrency`.
-    - Placement: when the cluster has GPUs, each replica gets one placement group of `tp` bundles
-      `{"GPU": 1, "CPU": num_cpus}` (PACK); the actor sits on bundle 0 and, for tp == 1, holds that GPU
-      (`num_gpus=1`); for tp > 1 it holds none itself (the vLLM "ray" executor starts one worker per bundle and
-      finds the group through `placement_group_capture_child_tasks`). Without GPUs, one bundle
-      `{"CPU": num_cpus}` per replica (tp > 1 then needs GPUs: a ConfigError says so).
+    - Placement: `actors.placement` plans it (one placement group per replica; a tp-1 actor holds its GPU share,
+      a tp > 1 actor none, its vLLM workers one GPU per bundle). Jobs plan all their pools at once and pass each
+      pool its `slots` and the reserved `groups`; a pool started alone plans, checks and reserves itself.
     - Routing: each call goes to the replica with the fewest calls in flight *from this process* (ties broken
       round-robin).
     - Failure: on RayActorError / ActorDiedError / ActorUnavailableError the call is retried (at most
-      `max_retries` times, backoff 0.5 s doubling to 8 s) on the least-loaded replica, while Ray restarts the
-      dead one; callers lose nothing unless every retry fails.
+      `max_retries` times) on another replica while Ray restarts the dead one (an actor whose engine died exits,
+      so that Ray does: `actors.model_actor`); when every replica is down it waits (up to `ready_timeout_s`) for
+      one to answer `ready` again, since a restart reloads the model. A call that has not
+      answered within `call_timeout_s` is cancelled, its replica is killed for Ray to restart (a hung engine
+      never recovers by itself), and the call is retried on another replica. Callers lose nothing unless every
+      retry fails.
     - Picklable: pass it into Ray tasks; a copy routes by its own in-flight counts and shares the actors.
       Only `shutdown()` (from any copy) kills the replicas; they also die with the process that created them.
     """
 
     def __init__(self, actor_cls: Any, init_kwargs: dict | None = None, replicas: int = 1, tp: int = 1,
                  num_cpus: float = 1.0, max_concurrency: int = 1000, max_retries: int = 8, name: str = "pool",
-                 ready_timeout_s: float = 600.0, runtime_env: dict | None = None):
+                 ready_timeout_s: float = 600.0, runtime_env: dict | None = None, call_timeout_s: float | None = None,
+                 slots: list | None = None, groups: list | None = None, owned_groups: list | None = None,
+                 num_gpus: float | None = None):
         import ray
-        from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        if replicas < 1:
-            raise ConfigError(f"{name}: replicas must be >= 1, got {replicas}")
-        if tp < 1:
-            raise ConfigError(f"{name}: tp must be >= 1, got {tp}")
+        from actors.placement import check_fit, cluster_has_gpus, plan_pools, reserve
+
         if not ray.is_initialized():
             raise RuntimeError(f"{name}: start Ray first (ray.init or jobs.common.init_ray)")
-        total = ray.cluster_resources()
-        gpus = int(total.get("GPU", 0))
-        if tp > 1 and gpus < tp:
-            raise ConfigError(f"{name}: tp={tp} needs {tp} GPUs per replica, the cluster has {gpus}")
-        if gpus and replicas * tp > gpus:
-            raise ConfigError(f"{name}: {replicas} replicas x tp={tp} need {replicas * tp} GPUs, the cluster has {gpus}")
-        if num_cpus * replicas * (tp if gpus else 1) > total.get("CPU", 0):
-            raise ConfigError(f"{name}: {replicas} replicas x num_cpus={num_cpus} exceed the cluster's "
-                              f"{total.get('CPU', 0):g} CPUs")
-
+        if slots is None:
+            # A pool started on its own: its plan, checked and reserved here (jobs plan all their pools at once).
+            if tp > 1 and not cluster_has_gpus():
+                raise ConfigError(f"{name}: tp={tp} needs {tp} GPUs per replica, the cluster has none")
+            cfg = PoolConfig(replicas=replicas, tp=tp, num_cpus=num_cpus, num_gpus=num_gpus)
+            plan = plan_pools({name: cfg}, gpus=cluster_has_gpus())
+            check_fit(plan)
+            groups = owned_groups = reserve(plan, name=name, timeout_s=ready_timeout_s)
+            slots = plan.slots
         self.name = name
         self.tp = tp
         self.max_retries = max_retries
-        self.uses_gpus = gpus > 0
+        self.call_timeout_s = call_timeout_s
+        self.restart_timeout_s = ready_timeout_s  # how long a caller waits for a restarting replica (model reload)
+        self.placement_groups = list(owned_groups or [])  # removed at shutdown (a co-located PRM owns none)
         remote_cls = actor_cls if hasattr(actor_cls, "remote") else ray.remote(actor_cls)
-        self.placement_groups = []
         self.actors = []
-        for i in range(replicas):
-            if self.uses_gpus:
-                bundles = [{"GPU": 1, "CPU": num_cpus} for _ in range(tp)]
-            else:
-                bundles = [{"CPU": num_cpus}]
-            pg = placement_group(bundles, strategy="PACK", name=f"{name}-{i}-{os.getpid()}-{id(self)}")
-            try:
-                ray.get(pg.ready(), timeout=ready_timeout_s)
-            except Exception:
-                self._remove_groups([pg, *self.placement_groups])
-                raise ConfigError(f"{name}: could not place replica {i} ({bundles}) within {ready_timeout_s:g} s; "
-                                  f"cluster resources: {dict(total)}") from None
-            self.placement_groups.append(pg)
+        for slot in slots:
             opts: dict[str, Any] = dict(
-                num_cpus=num_cpus,
-                num_gpus=1 if (self.uses_gpus and tp == 1) else 0,
+                num_cpus=slot.num_cpus,
+                num_gpus=slot.num_gpus,
                 max_restarts=-1,
                 max_task_retries=0,
                 max_concurrency=max_concurrency,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
-                    placement_group=pg, placement_group_bundle_index=0,
+                    placement_group=groups[slot.group], placement_group_bundle_index=slot.bundle,
                     placement_group_capture_child_tasks=True),
             )
             if runtime_env:
@@ -162,37 +151,114 @@ class ReplicaPool:
 
     # --- calls ------------------------------------------------------------------------------------------------
 
-    def call(self, method: str, *args, **kwargs) -> Any:
-        """Call `method` on the least-loaded replica and wait for it; retried when the replica dies."""
+    def _acquire_other(self, avoid: set[int]) -> int:
+        """`_acquire`, but not a replica this call already timed out on (unless no other is left)."""
+        for _ in range(len(self.actors)):
+            i = self._acquire()
+            if i not in avoid or len(avoid) >= len(self.actors):
+                return i
+            self._release(i)
+        return self._acquire()
+
+    def _wait_restarted(self, i: int) -> bool:
+        """Block until replica i answers `ready` again (Ray is restarting it: its engine reloads), at most
+        `restart_timeout_s`; False if it did not come back."""
         import ray
 
-        retryable = _retryable()
-        for attempt in range(self.max_retries + 1):
-            i = self._acquire()
+        deadline = time.monotonic() + self.restart_timeout_s
+        attempt = 0
+        while time.monotonic() < deadline:
             try:
-                return ray.get(getattr(self.actors[i], method).remote(*args, **kwargs))
-            except retryable as e:
+                ray.get(self.actors[i].ready.remote(), timeout=max(1.0, deadline - time.monotonic()))
+                return True
+            except _retryable():
+                time.sleep(self._backoff(attempt))
+                attempt += 1
+            except Exception:
+                return False
+        return False
+
+    async def _await_restarted(self, i: int) -> bool:
+        """`_wait_restarted` for async callers."""
+        deadline = time.monotonic() + self.restart_timeout_s
+        attempt = 0
+        while time.monotonic() < deadline:
+            try:
+                await asyncio.wait_for(asyncio.wrap_future(self.actors[i].ready.remote().future()),
+                                       max(1.0, deadline - time.monotonic()))
+                return True
+            except _retryable():
+                await asyncio.sleep(self._backoff(attempt))
+                attempt += 1
+            except Exception:
+                return False
+        return False
+
+    def _hung(self, i: int, ref: Any, attempt: int) -> None:
+        """A call timed out on replica i: cancel it, and kill the replica so that Ray restarts it."""
+        import ray
+
+        log.warning("%s: replica %d did not answer within %g s; restarting it, retry %d/%d", self.name, i,
+                    self.call_timeout_s, attempt + 1, self.max_retries)
+        try:
+            ray.cancel(ref, force=False)
+        except Exception:
+            pass
+        try:
+            ray.kill(self.actors[i], no_restart=False)
+        except Exception:
+            pass
+
+    def call(self, method: str, *args, **kwargs) -> Any:
+        """Call `method` on the least-loaded replica and wait for it; retried when the replica dies or hangs."""
+        import ray
+        from ray.exceptions import GetTimeoutError
+
+        retryable = _retryable()
+        avoid: set[int] = set()
+        for attempt in range(self.max_retries + 1):
+            i = self._acquire_other(avoid)
+            ref = None
+            try:
+                ref = getattr(self.actors[i], method).remote(*args, **kwargs)
+                return ray.get(ref, timeout=self.call_timeout_s)
+            except (GetTimeoutError, *retryable) as e:
                 if attempt >= self.max_retries:
                     raise
+                if isinstance(e, GetTimeoutError):
+                    avoid.add(i)
+                    self._hung(i, ref, attempt)
+                    continue
                 log.warning("%s: replica %d failed (%s); retry %d/%d", self.name, i, type(e).__name__,
                             attempt + 1, self.max_retries)
-                time.sleep(self._backoff(attempt))
+                avoid.add(i)
+                if len(avoid) >= len(self.actors):  # every replica is down: wait for the first to come back
+                    avoid = {j for j in avoid if not self._wait_restarted(j)}
             finally:
                 self._release(i)
 
     async def acall(self, method: str, *args, **kwargs) -> Any:
         """Async `call`, for callers inside an event loop (async actors, Serve deployments)."""
         retryable = _retryable()
+        avoid: set[int] = set()
         for attempt in range(self.max_retries + 1):
-            i = self._acquire()
+            i = self._acquire_other(avoid)
+            ref = None
             try:
-                return await getattr(self.actors[i], method).remote(*args, **kwargs)
-            except retryable as e:
+                ref = getattr(self.actors[i], method).remote(*args, **kwargs)
+                return await asyncio.wait_for(asyncio.wrap_future(ref.future()), self.call_timeout_s)
+            except (asyncio.TimeoutError, *retryable) as e:
                 if attempt >= self.max_retries:
                     raise
+                if isinstance(e, asyncio.TimeoutError):
+                    avoid.add(i)
+                    self._hung(i, ref, attempt)
+                    continue
                 log.warning("%s: replica %d failed (%s); retry %d/%d", self.name, i, type(e).__name__,
                             attempt + 1, self.max_retries)
-                await asyncio.sleep(self._backoff(attempt))
+                avoid.add(i)
+                if len(avoid) >= len(self.actors):
+                    avoid = {j for j in avoid if not await self._await_restarted(j)}
             finally:
                 self._release(i)
 
@@ -203,8 +269,25 @@ class ReplicaPool:
         return ray.get([getattr(a, method).remote(*args, **kwargs) for a in self.actors], timeout=timeout)
 
     def wait_ready(self, method: str = "ready", timeout: float | None = None) -> list[Any]:
-        """Block until every replica has started (answers `method`); a failing constructor raises here."""
-        return self.broadcast(method, timeout=timeout)
+        """Block until every replica has started (answers `method`), waiting out restarts; a failing constructor
+        raises here."""
+        import ray
+
+        deadline = None if timeout is None else time.monotonic() + timeout
+        out = []
+        for actor in self.actors:
+            attempt = 0
+            while True:
+                left = None if deadline is None else max(0.1, deadline - time.monotonic())
+                try:
+                    out.append(ray.get(getattr(actor, method).remote(), timeout=left))
+                    break
+                except _retryable()[1]:  # ActorUnavailableError: restarting
+                    if deadline is not None and time.monotonic() >= deadline:
+                        raise
+                    time.sleep(self._backoff(attempt))
+                    attempt += 1
+        return out
 
     def shutdown(self) -> None:
         """Kill every replica (no restart) and remove the placement groups. Idempotent."""
@@ -336,10 +419,12 @@ class ModelPool:
         self.shutdown()
 
 
-def start_replicas(actor_cls: Any, init_kwargs: dict, cfg: PoolConfig, name: str,
-                   ready_timeout_s: float) -> tuple[ReplicaPool, list[dict]]:
+def start_replicas(actor_cls: Any, init_kwargs: dict, cfg: PoolConfig, name: str, ready_timeout_s: float,
+                   slots: list | None = None, groups: list | None = None,
+                   owned_groups: list | None = None) -> tuple[ReplicaPool, list[dict]]:
     """Start `cfg.replicas` actors (a local Ray cluster if none is running; vLLM gets `tensor_parallel_size=tp`)
-    and wait until each has loaded its model; their `info()` in replica order."""
+    and wait until each has loaded its model; their `info()` in replica order. `slots`/`groups`: where they go,
+    from the job's plan (`actors.placement`); without them the pool plans and reserves itself."""
     import ray
 
     if not ray.is_initialized():
@@ -350,7 +435,8 @@ def start_replicas(actor_cls: Any, init_kwargs: dict, cfg: PoolConfig, name: str
     pool = ReplicaPool(
         actor_cls, init_kwargs=dict(init_kwargs, engine_kwargs=engine_kwargs),
         replicas=cfg.replicas, tp=cfg.tp, num_cpus=cfg.num_cpus, max_concurrency=cfg.max_concurrency,
-        max_retries=cfg.max_retries, name=name,
+        max_retries=cfg.max_retries, name=name, call_timeout_s=cfg.call_timeout_s, slots=slots, groups=groups,
+        owned_groups=owned_groups, num_gpus=cfg.num_gpus, ready_timeout_s=ready_timeout_s,
     )
     try:
         info = pool.wait_ready("info", timeout=ready_timeout_s)

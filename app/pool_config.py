@@ -32,29 +32,38 @@ class PoolConfig(Config):
     model: Hub name, local path, or `toy:NAME` (a shipped toy checkpoint).
     replicas: actor replicas; calls go to the least-loaded one.
     tp: GPUs per replica (vLLM tensor parallelism); one placement-group bundle per rank. 1 for the HF engine.
+    num_gpus: the GPU share of a tp-1 replica on a GPU cluster (default 1, or 0.5 when a PRM is co-located with
+        it): a fraction lets replicas share a GPU, as search-and-learn runs vLLM at gpu_memory_utilization 0.5
+        beside its PRM. Ranks of a tp > 1 replica each take a whole GPU. Ignored on a cluster without GPUs.
     num_cpus: CPUs reserved per replica (per bundle).
     max_batch / gather_ms: the HF engine's micro-batching (most requests per batch; how long the first call of a
         batch waits for others). vLLM batches continuously by itself and ignores them.
-    dtype: model dtype ("float32", "bfloat16", "float16", "auto"; bf16/fp16/fp32/half are read as those).
+    dtype: model dtype: "auto" (default: the checkpoint's own, bf16 for today's published models), "bfloat16",
+        "float16", "float32"; bf16/fp16/fp32/half are read as those, in this one place, for both engines.
     engine_kwargs: passed to the engine's constructor as is, e.g. for vLLM `gpu_memory_utilization`,
         `enable_prefix_caching`, `max_model_len`, `seed`; for HF `max_batch_rows`, `prefix_cache_mb`; for either
         policy engine `quirk_double_bos` (default false: a prompt whose chat template renders BOS gets no second
         one; true keeps the reference's double BOS).
     max_concurrency: concurrent calls one replica accepts (async actor).
-    max_retries: how many times a call is retried when its replica dies (Ray restarts it meanwhile).
+    max_retries: how many times a call is retried when its replica dies or times out (Ray restarts it meanwhile).
+    call_timeout_s: a call that has not answered after this many seconds is cancelled and retried on another
+        replica, and the replica it hung on is restarted (a hung NCCL or engine step never recovers by itself).
+        Size it well above the slowest honest call (a whole best-of-256 batch); None waits forever.
     """
 
     engine: Literal["hf", "vllm"] = "hf"
     model: str = "toy:policy"
     replicas: int = Field(1, ge=1)
     tp: int = Field(1, ge=1)
+    num_gpus: float | None = Field(None, gt=0, le=1)
     num_cpus: float = Field(1.0, ge=0)
     max_batch: int = Field(64, ge=1)
     gather_ms: float = Field(5.0, ge=0)
-    dtype: str = "float32"
+    dtype: str = "auto"
     engine_kwargs: dict[str, Any] = Field(default_factory=dict)
     max_concurrency: int = Field(1000, ge=1)
     max_retries: int = Field(8, ge=0)
+    call_timeout_s: float | None = Field(1800.0, gt=0)
 
     def __init__(self, **data: Any):
         # Direct construction (`PoolConfig(replicas=0)`) fails with the same one-line ConfigError as a recipe.
@@ -78,8 +87,12 @@ class PRMPoolConfig(PoolConfig):
     format: "qwen" (Qwen2.5-Math-PRM layout, ponder's own PRM; engines hf and vllm), "math-shepherd" or "rlhflow"
         (causal LMs; engine hf), or "toy-checker" (the toy world's checker, no model: `model` is ignored).
     step_delimiter: the string each step ends with, stripped before the format lays the steps out.
+    colocate: place PRM replica i on the GPU of policy replica i (OpenRLHF's hybrid placement: one placement-group
+        bundle holds both actors; num_gpus defaults to 0.5 each and must sum to at most 1). Needs tp 1 for both and
+        no more PRM replicas than policy replicas.
     """
 
     model: str = "toy:prm"
+    colocate: bool = False
     format: PRMFormatName = "qwen"
     step_delimiter: str = "\n\n"

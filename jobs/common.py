@@ -16,6 +16,9 @@ def recipe_parser(prog: str, description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=description)
     p.add_argument("--config", "-c", default=None, help="recipe: a YAML path or a name under configs/ (e.g. toy/beam_search)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, dotted for nested keys (e.g. search.n=16)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="resolve the recipe, print the placement plan and check it against the cluster in RAY_ADDRESS "
+                        "(or a local one) without loading any model: exit 0 if it fits, 2 if not")
     return p
 
 
@@ -35,6 +38,48 @@ def init_ray(num_cpus: int | None = None, **kwargs) -> None:
         # Ray's default starts the dashboard: Ray Train's PlacementGroupCleaner asks its State API whether the
         # controller is alive, and without it logs a warning every second of every training run.
         ray.init(num_cpus=num_cpus or max(2, os.cpu_count() or 2), **kwargs)
+
+
+def _count(n: float) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e8 else f"{n / 1e6:.1f}M"
+
+
+def _bytes(gib: float) -> str:
+    return f"{gib:.2f} GiB" if gib >= 1 else f"{gib * 1024:.1f} MiB"
+
+
+def describe_memory(est: dict) -> str:
+    """One line of `actors.placement.estimate_memory`'s figures."""
+    line = (f"{_count(est['params'])} params, {est['dtype']}: weights {_bytes(est['weights_gib_per_gpu'])}/GPU, "
+            f"KV {est['kv_kib_per_token_per_gpu']:.0f} KiB/token/GPU")
+    if "kv_tokens_per_gpu" in est:
+        line += (f", room for ~{est['kv_tokens_per_gpu']:,} KV tokens/GPU at gpu_memory_utilization "
+                 f"{est['gpu_memory_utilization']:g} of {est['gpu_memory_gib']:g} GiB")
+    return line
+
+
+def dry_run(pools: dict, out=None, gpu_memory_gib: float | None = None) -> int:
+    """The placement plan of a job's pools, with each model's estimated weight and KV memory per GPU, checked
+    against the cluster's free resources; loads no model. ConfigError (exit 2, one line) when it does not fit."""
+    from actors.placement import check_fit, cluster_gpu_memory_gib, cluster_has_gpus, estimate_memory, plan_pools
+
+    out = out or sys.stdout
+    init_ray()
+    import ray
+
+    plan = plan_pools(pools, gpus=cluster_has_gpus())
+    total = ray.cluster_resources()
+    print(f"cluster: {total.get('GPU', 0):g} GPUs, {total.get('CPU', 0):g} CPUs "
+          f"({os.environ.get('RAY_ADDRESS') or 'local'})", file=out)
+    gib = gpu_memory_gib or cluster_gpu_memory_gib()
+    for name, cfg in pools.items():
+        est = estimate_memory(cfg, gib) if plan.gpus else estimate_memory(cfg)
+        mem = est.get("error") or describe_memory(est)
+        print(f"{name}: {cfg.engine} {cfg.model}, {cfg.replicas} replica(s) x tp {cfg.tp}; {mem}", file=out)
+    print(plan.table(), file=out)
+    check_fit(plan)
+    print("fits: the cluster has the free resources for this plan", file=out, flush=True)
+    return 0
 
 
 def user_errors(main: Callable[..., int | None]) -> Callable[..., int]:

@@ -19,7 +19,8 @@ from actors.replicas import check_model
 from app.search import driver
 from app.search.recipe import SearchRecipe
 from app.toy import resolve_model
-from jobs.common import init_ray, parse_config, recipe_parser, user_errors
+from app.storage import check_output_path
+from jobs.common import dry_run, init_ray, parse_config, recipe_parser, user_errors
 
 Config = SearchRecipe  # the job's config class (`ponder config show` finds it here)
 
@@ -45,9 +46,12 @@ def check_models(recipe: SearchRecipe) -> None:
         check_model(name, key)
 
 
-def run(recipe: SearchRecipe, out=None) -> int:
+def run(recipe: SearchRecipe, out=None, dry: bool = False) -> int:
     out = out or sys.stdout
     policy_cfg, prm_cfg = pool_configs(recipe)
+    check_output_path(recipe.output_dir, "output_dir")
+    if dry:
+        return dry_run({"policy": policy_cfg, **({"prm": prm_cfg} if prm_cfg is not None else {})}, out)
     check_models(recipe)
     problems, everything = driver.load(recipe)
     todo = driver.pending(recipe, problems, everything)
@@ -75,7 +79,8 @@ def run(recipe: SearchRecipe, out=None) -> int:
 @user_errors
 def main(argv: Sequence[str] | None = None) -> int:
     parser = recipe_parser("ponder search", "Solve a data set with a search method against a verifier.")
-    return run(parse_config(SearchRecipe, parser.parse_args(argv)))
+    args = parser.parse_args(argv)
+    return run(parse_config(SearchRecipe, args), dry=args.dry_run)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,30 @@ def vllm_available() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
+def vllm_executor_args(tensor_parallel_size: int) -> dict:
+    """The executor a vLLM engine inside a pool actor uses, named explicitly for both policy and PRM engines.
+
+    tp 1: "uni" (the engine in the actor's own process, on the GPU share Ray gave the actor). tp > 1: "ray", which
+    starts one worker per bundle of the placement group the actor runs in (the pool made one GPU bundle per rank;
+    the actor holds no GPU itself, so the workers must see them all), as OpenRLHF's engines do."""
+    import os
+
+    if tensor_parallel_size > 1:
+        os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+        return {"distributed_executor_backend": "ray"}
+    return {"distributed_executor_backend": "uni"}
+
+
+def engine_dead(exc: BaseException) -> bool:
+    """True when an engine error leaves the engine unusable, so the actor must die for Ray to restart it: vLLM's
+    EngineDeadError (its engine core process is gone), or a CUDA/NCCL error (the device context is poisoned)."""
+    names = {t.__name__ for t in type(exc).__mro__}
+    if "EngineDeadError" in names:
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("CUDA error" in text or "NCCL error" in text)
+
+
 def import_vllm():
     """The vllm module, or EngineUnavailable saying what to install."""
     try:

@@ -31,7 +31,7 @@ from typing import Sequence
 
 from actors.engines.base import count_parameters, encode_prompt, encode_prompts, load_tokenizer, torch_dtype
 from app.contracts import Completion, GenerationRequest, apply_stop
-from actors.engines.prefix_cache import PrefixKVCache, batch_from_hits, row_kv
+from actors.engines.prefix_cache import PrefixKVCache, auto_cache_mb, batch_from_hits, row_kv
 
 class HFEngine:
     """A transformers causal LM behind the `Engine` protocol.
@@ -41,9 +41,10 @@ class HFEngine:
     device: "auto" (CUDA when present, else CPU), "cpu", "cuda", "cuda:1", ...
     max_batch_rows: rows (requests x n) decoded at once; bigger calls are split into chunks of this size.
     prefix_cache_mb: memory for the KV of rows that stopped on a stop string (a step), so the next call that
-        continues them prefills only the new tokens (`prefix_cache.py`); 0 turns it off. The n rows of one
-        request always share one prefill. Each completion reports the prompt tokens its request did not run
-        (`Completion.cached_tokens`).
+        continues them prefills only the new tokens (`prefix_cache.py`); 0 turns it off; default: sized by
+        the model (`prefix_cache.auto_cache_mb`: 16 rows of 2k tokens, 512 MiB at least, 2 GiB at most on CPU and
+        8 GiB on GPU, off for a model whose rows would churn it). The n rows of one request always share one
+        prefill. Each completion reports the prompt tokens its request did not run (`Completion.cached_tokens`).
     quirk_double_bos: reference quirk (search-and-learn): a text prompt that already starts with the tokenizer's
         BOS token (rendered by a chat template) gets the tokenizer's BOS added again, two BOS tokens; off by
         default, one BOS (`base.encode_prompt`).
@@ -53,7 +54,7 @@ class HFEngine:
     engine_name = "hf"
 
     def __init__(self, model: str, dtype: str = "float32", device: str = "auto", max_batch_rows: int = 256,
-                 num_threads: int | None = None, trust_remote_code: bool = False, prefix_cache_mb: float = 512.0,
+                 num_threads: int | None = None, trust_remote_code: bool = False, prefix_cache_mb: float | None = None,
                  quirk_double_bos: bool = False):
         import torch
         from transformers import AutoModelForCausalLM
@@ -83,7 +84,7 @@ class HFEngine:
         self.pad_token_id = int(pad if pad is not None else next(iter(self.eos_token_ids), 0))
         self._lock = threading.Lock()  # one batch at a time on the model
         self._pieces: dict[int, str] = {}
-        self.prefix_cache = PrefixKVCache(int(prefix_cache_mb * 2**20))
+        self.prefix_cache = PrefixKVCache(int(auto_cache_mb(self.model, str(self.device), prefix_cache_mb) * 2**20))
 
     def _eos_ids(self) -> set[int]:
         ids: set[int] = set()

@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from actors.engines.base import StepScores, count_parameters, torch_dtype
-from actors.engines.prefix_cache import PrefixKVCache, batch_from_hits, row_kv
+from actors.engines.prefix_cache import PrefixKVCache, auto_cache_mb, batch_from_hits, row_kv
 from actors.prm_formats import EncodedTrajectory, PRMFormat
 
 
@@ -14,7 +14,8 @@ class HFPRMEngine:
     Rows are sorted by length and cut into sub-batches of at most `max_batch_tokens` padded tokens. A causal LM
     is run through its body only, and the output embedding is applied at the score positions to the two label
     rows: the same logits as the full LM head, without a [batch, length, vocabulary] tensor.
-    Search scores each path again with one more step; with `prefix_cache_mb` > 0 the keys, values and step scores
+    Search scores each path again with one more step; with a prefix cache (`prefix_cache_mb`, default sized by the
+    model as `prefix_cache.auto_cache_mb`; 0 turns it off) the keys, values and step scores
     of every scored path are kept (`prefix_cache.py`), so a path that extends one runs only its new tokens; each
     trajectory's scores (`StepScores`) say how many of its tokens and scores the cache served.
     num_parameters: every parameter; flop_parameters: the body's matmul parameters per token;
@@ -22,7 +23,7 @@ class HFPRMEngine:
     """
 
     def __init__(self, path: str, fmt: PRMFormat, dtype: str = "float32", device: str | None = None,
-                 max_batch_tokens: int = 16384, pad_token_id: int | None = None, prefix_cache_mb: float = 512.0):
+                 max_batch_tokens: int = 16384, pad_token_id: int | None = None, prefix_cache_mb: float | None = None):
         import torch
 
         self.fmt = fmt
@@ -47,7 +48,7 @@ class HFPRMEngine:
             pad = tok.eos_token_id if tok.eos_token_id is not None else 0
         self.pad_token_id = pad
         self.max_length = getattr(self.model.config, "max_position_embeddings", None)
-        self.prefix_cache = PrefixKVCache(int(prefix_cache_mb * 2**20))
+        self.prefix_cache = PrefixKVCache(int(auto_cache_mb(self.model, str(self.device), prefix_cache_mb) * 2**20))
 
     def _chunks(self, order: list[int], lengths: list[int]) -> list[list[int]]:
         chunks, cur, longest = [], [], 0

@@ -30,6 +30,35 @@ def prefix_hashes(tokens: Sequence[int]) -> list[int]:
     return out
 
 
+AUTO_ROW_TOKENS = 2048   # a long step-wise row
+AUTO_ROWS = 16           # rows the automatic size holds
+AUTO_MIN_ROWS = 4        # fewer than this and the cache only churns: off
+AUTO_FLOOR_MB = 512.0    # small models: plenty of short rows
+AUTO_CAP_MB = {"cpu": 2048.0, "cuda": 8192.0}
+
+
+def kv_bytes_per_token(model) -> int:
+    """Keys and values of one token over all layers, in the model's own dtype."""
+    c = getattr(model.config, "get_text_config", lambda: model.config)()
+    heads = c.num_attention_heads
+    kv_heads = getattr(c, "num_key_value_heads", None) or heads
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
+    return 2 * c.num_hidden_layers * kv_heads * head_dim * next(model.parameters()).element_size()
+
+
+def auto_cache_mb(model, device: str, requested_mb: float | None) -> float:
+    """The prefix cache's size: `requested_mb` when given; else sized by the model, room for AUTO_ROWS rows of
+    AUTO_ROW_TOKENS tokens (at least 512 MiB) up to a cap per device (2 GiB CPU, 8 GiB GPU), and off (0) when the
+    cap holds fewer than AUTO_MIN_ROWS rows: a 2k-token row of an 8B model is ~256 MiB, and a cache of two such rows evicts
+    every entry before it is hit again."""
+    if requested_mb is not None:
+        return float(requested_mb)
+    row_mb = kv_bytes_per_token(model) * AUTO_ROW_TOKENS / 2**20
+    cap = AUTO_CAP_MB["cuda" if str(device).startswith("cuda") else "cpu"]
+    size = min(cap, max(AUTO_FLOOR_MB, AUTO_ROWS * row_mb))
+    return size if size >= AUTO_MIN_ROWS * row_mb else 0.0
+
+
 class PrefixKVCache:
     """LRU map token-prefix -> per-layer (keys, values), each [heads, length, head_dim] without padding, plus what
     the engine computed at those tokens and wants back (`extra`: the PRM keeps its step scores there)."""

@@ -25,14 +25,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import threading
 import uuid
 from dataclasses import replace
 from typing import Any, Sequence
 
 from actors.engines.base import (EngineUnavailable, checkpoint_parameters, encode_prompt,  # noqa: F401
-                                 encode_prompts, import_vllm, load_tokenizer)
+                                 encode_prompts, import_vllm, load_tokenizer, vllm_executor_args)
 from app.contracts import Completion, GenerationRequest
 
 CPU_KV_CACHE_BYTES = 256 * 1024 * 1024
@@ -106,11 +105,8 @@ class VLLMEngine:
             # prefill, and a CPU generator cannot rewind: "CPU Generator does not use offset" kills the engine
             # as soon as concurrent seeded prompts exceed one step's token budget. Whole prefills avoid it.
             args["enable_chunked_prefill"] = False
-        if tensor_parallel_size > 1:
-            # vLLM's "ray" executor starts one worker per bundle of the placement group this actor runs in (the
-            # pool made one GPU bundle per rank); the actor itself holds no GPU, so let the workers see them all.
-            args.setdefault("distributed_executor_backend", "ray")
-            os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+        for key, value in vllm_executor_args(tensor_parallel_size).items():
+            args.setdefault(key, value)
         args.update(engine_args)
         self.engine_args = args
 

@@ -22,7 +22,8 @@ from __future__ import annotations
 import uuid
 from typing import Any, Sequence
 
-from actors.engines.base import StepScores, checkpoint_parameters, import_vllm
+from actors.engines.base import StepScores, checkpoint_parameters, import_vllm, vllm_executor_args
+from app.pool_config import canonical_dtype
 
 CPU_KV_CACHE_BYTES = 256 * 2**20  # ample for PRM prefills of toy/1.5B models on CPU; raise it in engine_kwargs
 
@@ -58,7 +59,9 @@ class VLLMPRMEngine:
             kw.setdefault("enforce_eager", True)
             if kw.get("gpu_memory_utilization") is None and kw.get("kv_cache_memory_bytes") is None:
                 kw["kv_cache_memory_bytes"] = CPU_KV_CACHE_BYTES
-        dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}.get(dtype, dtype)
+        dtype = canonical_dtype(dtype)
+        for key, value in vllm_executor_args(int(kw.get("tensor_parallel_size", 1))).items():
+            kw.setdefault(key, value)
         args = dict(
             model=path,
             runner="pooling",
