@@ -42,6 +42,14 @@ class Plan:
     slots: list[Slot] = field(default_factory=list)
     gpus: bool = False
 
+    def add_groups(self, owner: str, groups: list[list[dict[str, float]]]) -> "Plan":
+        """Demand that is not a model pool (Ray Train workers, Tune trials, Serve replicas), so that the one fit
+        check counts it with the pools."""
+        for bundles in groups:
+            self.groups.append([dict(b) for b in bundles])
+            self.owners.append(owner)
+        return self
+
     def pool_slots(self, pool: str) -> list[Slot]:
         return [s for s in self.slots if s.pool == pool]
 
@@ -62,6 +70,12 @@ class Plan:
         for s in self.slots:
             rows.append((s.pool, str(s.replica), str(s.group), str(s.bundle), f"{s.num_gpus:g}", f"{s.num_cpus:g}",
                          " ".join(_fmt_bundle(b) for b in self.groups[s.group])))
+        placed = {s.group for s in self.slots}
+        for g, (owner, bundles) in enumerate(zip(self.owners, self.groups)):
+            if g not in placed:
+                gpu = sum(b.get("GPU", 0) for b in bundles)
+                cpu = sum(b.get("CPU", 0) for b in bundles)
+                rows.append((owner, "-", str(g), "-", f"{gpu:g}", f"{cpu:g}", " ".join(map(_fmt_bundle, bundles))))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
         lines.insert(1, "  ".join("-" * w for w in widths))

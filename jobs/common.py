@@ -58,9 +58,11 @@ def describe_memory(est: dict) -> str:
     return line
 
 
-def dry_run(pools: dict, out=None, gpu_memory_gib: float | None = None) -> int:
+def dry_run(pools: dict, out=None, gpu_memory_gib: float | None = None,
+            extra: dict[str, list[list[dict]]] | None = None) -> int:
     """The placement plan of a job's pools, with each model's estimated weight and KV memory per GPU, checked
-    against the cluster's free resources; loads no model. ConfigError (exit 2, one line) when it does not fit."""
+    against the cluster's free resources; loads no model. ConfigError (exit 2, one line) when it does not fit.
+    `extra`: other demand of the job by owner (e.g. {"train": [[{"CPU": 2, "GPU": 1}]] * workers}), checked with it."""
     from actors.placement import check_fit, cluster_gpu_memory_gib, cluster_has_gpus, estimate_memory, plan_pools
 
     out = out or sys.stdout
@@ -68,6 +70,8 @@ def dry_run(pools: dict, out=None, gpu_memory_gib: float | None = None) -> int:
     import ray
 
     plan = plan_pools(pools, gpus=cluster_has_gpus())
+    for owner, groups in (extra or {}).items():
+        plan.add_groups(owner, groups)
     total = ray.cluster_resources()
     print(f"cluster: {total.get('GPU', 0):g} GPUs, {total.get('CPU', 0):g} CPUs "
           f"({os.environ.get('RAY_ADDRESS') or 'local'})", file=out)

@@ -74,7 +74,8 @@ def test_config_validation_errors_are_clear():
         get_method("bogus")
     with pytest.raises(ConfigError, match="softmax_temperature"):
         method_config("rebase", {"softmax_temperature": 0})
-    assert set(METHODS) == {"greedy", "majority", "best_of_n", "beam_search", "dvts", "rebase", "mcts"}
+    assert set(METHODS) == {"greedy", "majority", "best_of_n", "beam_search", "dvts", "rebase", "mcts", "particle_filter",
+                            "particle_gibbs"}
 
 
 # ---------------------------------------------------------------- best-of-N, greedy, majority
@@ -425,6 +426,8 @@ EVERY_METHOD = [
     ("dvts", {"n": 4, "beam_width": 2}),
     ("rebase", {"width": 4}),
     ("mcts", {"num_sequence": 4, "tree_max_width": 2}),
+    ("particle_filter", {"n": 4}),
+    ("particle_gibbs", {"n": 4, "num_iterations": 2}),
 ]
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Callable, NamedTuple
 
 from app.config import Config, ConfigError
-from app.search import beam_search, best_of_n, dvts, greedy, majority, mcts, rebase
+from app.search import beam_search, best_of_n, dvts, greedy, majority, mcts, particle_filter, particle_gibbs, rebase
 
 
 class Method(NamedTuple):
@@ -30,6 +30,8 @@ METHODS: dict[str, Method] = {
     "dvts": Method(dvts.DVTSConfig, dvts.solve),
     "rebase": Method(rebase.RebaseConfig, rebase.solve),
     "mcts": Method(mcts.MCTSConfig, mcts.solve),
+    "particle_filter": Method(particle_filter.ParticleFilterConfig, particle_filter.solve),
+    "particle_gibbs": Method(particle_gibbs.ParticleGibbsConfig, particle_gibbs.solve),
 }
 
 
