@@ -134,3 +134,26 @@ def test_on_cluster_reads_the_job_environment(monkeypatch):
     monkeypatch.delenv("RAY_ADDRESS")
     monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")
     assert on_cluster()
+
+
+def test_every_shipped_real_recipe_plans_and_fits_one_8_gpu_node():
+    """The real-model recipes carry bf16 and co-location that passes its checks, and their output paths are the
+    <shared> placeholder the job refuses until it is set."""
+    from pathlib import Path
+
+    from app.config import load_config
+    from app.search.recipe import SearchRecipe
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    recipes = [p for p in sorted(root.glob("*/*.yaml")) if p.parent.name != "toy"
+               and "job: search" in p.read_text()]
+    assert len(recipes) >= 6
+    for path in recipes:
+        recipe = load_config(SearchRecipe, str(path), ["policy.replicas=8", "prm.replicas=8"])
+        assert recipe.policy.dtype == "bfloat16", path
+        assert recipe.output_dir.startswith("<shared>/"), path
+        with pytest.raises(ConfigError, match="placeholder"):
+            check_output_path(recipe.output_dir, "output_dir", cluster=True)
+        policy, prm = recipe.pool_configs()
+        plan = plan_pools({"policy": policy, **({"prm": prm} if prm else {})}, gpus=True)
+        check_fit(plan, NODE_8)
