@@ -71,8 +71,8 @@ class ModelActor:
 
         d = dict(engine=self.engine_name, model=self.model, num_parameters=self.num_parameters, pid=os.getpid(),
                  host=socket.gethostname(), load_seconds=self.load_seconds)
-        if ray.is_initialized():  # not when a test builds the actor class in its own process
-            ctx = ray.get_runtime_context()
+        if ray.is_initialized() and ray.get_runtime_context().worker.mode == ray.WORKER_MODE:
+            ctx = ray.get_runtime_context()  # in an actor, not when a test builds the class in its own process
             d.update(node_id=ctx.get_node_id(), resources=dict(ctx.get_assigned_resources()),
                      placement_group=ctx.get_placement_group_id(), gpu_ids=[str(g) for g in ray.get_gpu_ids()])
         return d

@@ -1,0 +1,66 @@
+"""`ponder serve --config configs/serve/toy.yaml` (= `python -m jobs.serve`): routed solving on Ray Serve.
+
+The config is a Ray Serve config file (the same file works with `serve run` and `serve deploy`): `http_options`
+and one application whose `args` are `actors.serve.ServeArgs` (router folder, policy and PRM pools, prompt). The
+job validates the args, starts Ray (or joins RAY_ADDRESS), deploys the application, prints where it listens, and
+blocks until Ctrl-C, then shuts Serve down.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Sequence
+
+from app.config import ConfigError, read_recipe
+from jobs.common import init_ray, user_errors
+
+
+def load(path: str) -> tuple[dict, dict]:
+    """(http_options, the application's entry) of a Serve config file; one-line errors."""
+    data, src = read_recipe(path)
+    apps = data.get("applications")
+    if not isinstance(apps, list) or len(apps) != 1 or not isinstance(apps[0], dict):
+        raise ConfigError(f"{src}: `applications` must list one application (import_path actors.serve:build_app)")
+    app = apps[0]
+    if app.get("import_path") != "actors.serve:build_app":
+        raise ConfigError(f"{src}: applications[0].import_path must be actors.serve:build_app")
+    return dict(data.get("http_options") or {}), app
+
+
+def start(path: str, num_cpus: int | None = None):
+    """Deploy the config's application (Ray started or joined); returns (url, app name)."""
+    from ray import serve
+
+    from actors.serve import build_app
+
+    http, entry = load(path)
+    application = build_app(entry.get("args") or {})  # validates before Ray starts
+    init_ray(num_cpus)
+    serve.start(http_options={"host": http.get("host", "127.0.0.1"), "port": int(http.get("port", 8000))})
+    name = entry.get("name", "ponder")
+    serve.run(application, name=name, route_prefix=entry.get("route_prefix", "/"), blocking=False)
+    return f"http://{http.get('host', '127.0.0.1')}:{int(http.get('port', 8000))}", name
+
+
+@user_errors
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="ponder serve", description="Serve routed solving (Ray Serve + FastAPI).")
+    p.add_argument("--config", "-c", default="configs/serve/toy.yaml", help="a Ray Serve config file")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray cluster")
+    args = p.parse_args(argv)
+    url, _ = start(args.config, args.num_cpus)
+    print(f"ponder serve: listening on {url} (POST /v1/solve, /v1/chat/completions; GET /v1/models, /healthz, "
+          f"/docs); Ctrl-C stops it", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        from ray import serve
+
+        serve.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
