@@ -98,8 +98,12 @@ def _tasks() -> dict[str, Any]:
 
 
 def submit(problem: Problem, prompt: str, recipe: SearchRecipe, pools: Any):
-    """One problem's record as an ObjectRef: one task, whatever the method."""
-    return _tasks()["solve"].options(num_cpus=recipe.task_cpus).remote(problem, prompt, recipe, pools.policy, pools.prm)
+    """One problem's record as an ObjectRef: one task, whatever the method.
+
+    The task is scheduled on the cluster ("DEFAULT"), never in the caller's placement group: called from a Tune
+    trial, whose placement group captures child tasks, it would otherwise wait for the trial's own bundle."""
+    return _tasks()["solve"].options(num_cpus=recipe.task_cpus, scheduling_strategy="DEFAULT").remote(
+        problem, prompt, recipe, pools.policy, pools.prm)
 
 
 def one_line(error: BaseException) -> str:
