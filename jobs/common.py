@@ -59,14 +59,15 @@ def describe_memory(est: dict) -> str:
 
 
 def dry_run(pools: dict, out=None, gpu_memory_gib: float | None = None,
-            extra: dict[str, list[list[dict]]] | None = None) -> int:
+            extra: dict[str, list[list[dict]]] | None = None, num_cpus: int | None = None) -> int:
     """The placement plan of a job's pools, with each model's estimated weight and KV memory per GPU, checked
     against the cluster's free resources; loads no model. ConfigError (exit 2, one line) when it does not fit.
-    `extra`: other demand of the job by owner (e.g. {"train": [[{"CPU": 2, "GPU": 1}]] * workers}), checked with it."""
+    `extra`: other demand of the job by owner (e.g. {"train": [[{"CPU": 2, "GPU": 1}]] * workers}), checked with it.
+    `num_cpus`: the size of the local cluster the job itself would start (without RAY_ADDRESS)."""
     from actors.placement import check_fit, cluster_gpu_memory_gib, cluster_has_gpus, estimate_memory, plan_pools
 
     out = out or sys.stdout
-    init_ray()
+    init_ray(num_cpus)
     import ray
 
     plan = plan_pools(pools, gpus=cluster_has_gpus())

@@ -1,6 +1,7 @@
 """`ponder config show RECIPE [key=value ...]`: print the resolved config of a recipe.
 
-A recipe names its job in the top-level key `job` (search, toy, sft, prm); the job module's `Config` class validates it.
+A recipe names its job in the top-level key `job` (search, tune, route, toy, or a trainer: sft, prm, dpo, ...); the job
+module's `Config` class (or `config_class(job)`) validates it.
 """
 from __future__ import annotations
 
@@ -14,13 +15,17 @@ from jobs.common import user_errors
 
 JOB_CONFIGS = {
     "search": "jobs.search",
+    "tune": "jobs.tune",
+    "route": "jobs.route",
     "toy": "jobs.toy",
-    "sft": "jobs.train",
-    "prm": "jobs.train",
 }
 
 
 def config_class(job: str, source: str):
+    from jobs.train import JOBS as TRAINERS
+
+    if job in TRAINERS:
+        return importlib.import_module("jobs.train").config_class(job)
     if job not in JOB_CONFIGS:
         raise ConfigError(f"{source}: key 'job': unknown job {job!r} (one of: {', '.join(JOB_CONFIGS)})")
     module = importlib.import_module(JOB_CONFIGS[job])

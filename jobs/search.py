@@ -52,7 +52,8 @@ def run(recipe: SearchRecipe, out=None, dry: bool = False) -> int:
     check_output_path(recipe.output_dir, "output_dir")
     check_models(recipe)
     if dry:
-        return dry_run({"policy": policy_cfg, **({"prm": prm_cfg} if prm_cfg is not None else {})}, out)
+        return dry_run({"policy": policy_cfg, **({"prm": prm_cfg} if prm_cfg is not None else {})}, out,
+                       num_cpus=recipe.num_cpus)
     problems, everything = driver.load(recipe)
     todo = driver.pending(recipe, problems, everything)
     print(f"search: {recipe.method} on {len(problems)} problems from {recipe.data.source}; {len(problems) - len(todo)} "

@@ -48,7 +48,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="ponder serve", description="Serve routed solving (Ray Serve + FastAPI).")
     p.add_argument("--config", "-c", default="configs/serve/toy.yaml", help="a Ray Serve config file")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray cluster")
+    p.add_argument("--dry-run", action="store_true", help="validate the config, print the pools' placement plan and "
+                   "check it against the cluster (RAY_ADDRESS or a local one) without loading any model")
     args = p.parse_args(argv)
+    if args.dry_run:
+        from actors.serve import ServeArgs, build_app
+        from app.config import build_config
+        from jobs.common import dry_run
+
+        _, entry = load(args.config)
+        build_app(entry.get("args") or {})  # every check the deployment makes, before Ray
+        a = build_config(ServeArgs, dict(entry.get("args") or {}), source=args.config)
+        return dry_run({"policy": a.policy, **({"prm": a.prm} if a.prm is not None else {})})
     url, _ = start(args.config, args.num_cpus)
     print(f"ponder serve: listening on {url} (POST /v1/solve, /v1/chat/completions; GET /v1/models, /healthz, "
           f"/docs); Ctrl-C stops it", flush=True)

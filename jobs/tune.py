@@ -13,6 +13,7 @@ writes the frontier again.
 """
 from __future__ import annotations
 
+import os
 import sys
 from typing import Sequence
 
@@ -20,7 +21,7 @@ from actors.pools import start_pools
 from app.config import ConfigError, resolve_recipe
 from app.search import driver
 from app.storage import check_output_path
-from jobs.common import init_ray, parse_config, recipe_parser, user_errors
+from jobs.common import dry_run, init_ray, parse_config, recipe_parser, user_errors
 from jobs.search import check_models, prompt_tokenizer
 from tune import frontier
 from tune.sweep import SweepRecipe, prepare, run_sweep
@@ -43,9 +44,14 @@ def check(recipe: SweepRecipe, source: str) -> None:
     driver.make_prompt(problems[0], first, prompt_tokenizer(first))
 
 
-def run(recipe: SweepRecipe, source: str = "<recipe>", out=None) -> int:
+def run(recipe: SweepRecipe, source: str = "<recipe>", out=None, dry: bool = False) -> int:
     out = out or sys.stdout
     check(recipe, source)
+    if dry:  # the shared pools plus the trials' own reservations, checked against the cluster
+        policy_cfg, prm_cfg = recipe.pool_configs()
+        trials = [[{"CPU": recipe.trial_cpus}]] * recipe.max_concurrent_trials
+        return dry_run({"policy": policy_cfg, **({"prm": prm_cfg} if prm_cfg is not None else {})}, out,
+                       extra={"tune": trials}, num_cpus=recipe.cluster_cpus(os.cpu_count() or 2))
     left = prepare(recipe)
     trials = recipe.trials()
     done = [t for t in trials if left[t.name] == 0]
@@ -55,8 +61,6 @@ def run(recipe: SweepRecipe, source: str = "<recipe>", out=None) -> int:
     errors: list = []
     if len(done) < len(trials):
         policy_cfg, prm_cfg = recipe.pool_configs()
-        import os
-
         init_ray(recipe.cluster_cpus(os.cpu_count() or 2))
         pools = start_pools(policy_cfg, prm_cfg)
         try:
@@ -79,7 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = recipe_parser("ponder tune", "Sweep test-time compute budgets on Ray Tune and find the frontier.")
     args = parser.parse_args(argv)
     source = str(resolve_recipe(args.config)) if args.config else "<defaults>"
-    return run(parse_config(SweepRecipe, args), source)
+    return run(parse_config(SweepRecipe, args), source, dry=args.dry_run)
 
 
 if __name__ == "__main__":
