@@ -202,10 +202,23 @@ def _fits(groups: list[list[dict[str, float]]], nodes: list[dict[str, float]]) -
     return None
 
 
-def check_fit(plan: Plan, nodes: list[dict[str, float]] | None = None) -> None:
+def check_fit(plan: Plan, nodes: list[dict[str, float]] | None = None, settle_s: float = 15.0) -> None:
     """ONE check of every pool's combined demand against the cluster's free resources; a ConfigError (one line)
-    says what does not fit and what to change. `nodes`: free resources per node (default: the cluster's)."""
-    nodes = _nodes_free() if nodes is None else nodes
+    says what does not fit and what to change. `nodes`: free resources per node (default: the cluster's, re-read
+    for up to `settle_s` seconds while resources just released come back)."""
+    if nodes is None:
+        # Resources of pools just shut down (removed placement groups, killed actors) come back a moment later:
+        # re-read for up to `settle_s` before calling the plan too big.
+        import time
+
+        deadline = time.monotonic() + settle_s
+        while True:
+            try:
+                return check_fit(plan, _nodes_free())
+            except ConfigError:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.5)
     need = plan.demand()
     have = {k: sum(n.get(k, 0.0) for n in nodes) for k in ("GPU", "CPU")}
     per_pool: dict[str, dict[str, float]] = {}

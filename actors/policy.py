@@ -62,13 +62,29 @@ class PolicyActor(ModelActor):
             self.generated_tokens += sum(c.generated_tokens for c in group)
         return out
 
+    async def update_weights(self, state, version: int) -> int:
+        """RL weight sync (OpenRLHF-style): load the trainer's new weights into the live engine, then sample with
+        them. `state`: {parameter name: tensor} (all or one bucket of them) or a path to .safetensors weights;
+        `version`: the trainer's optimizer step. The engine swaps them between batches and drops its prefix cache
+        (`HFEngine.update_weights`, `VLLMEngine.update_weights`). Returns the version now served."""
+        import asyncio
+        import inspect
+
+        if inspect.iscoroutinefunction(self.engine.update_weights):
+            await self.engine.update_weights(state, version)
+        else:  # the HF engine waits for its running batch: off the event loop
+            await asyncio.to_thread(self.engine.update_weights, state, version)
+        self.weights_version = int(version)
+        return self.weights_version
+
     def info(self) -> dict:
         """flop_parameters: the matmul parameters per token, what the clients count FLOPs with."""
         return dict(super().info(), flop_parameters=int(getattr(self.engine, "flop_parameters", self.num_parameters)))
 
     def stats(self) -> dict:
         """prompt_tokens counts each request's prompt once; cached_tokens those of them its engine did not run."""
-        return dict(super().stats(), requests=self.requests, sequences=self.sequences,
+        return dict(super().stats(), weights_version=getattr(self, "weights_version", 0), requests=self.requests,
+                    sequences=self.sequences,
                     prompt_tokens=self.prompt_tokens, cached_tokens=self.cached_tokens,
                     generated_tokens=self.generated_tokens)
 

@@ -10,7 +10,12 @@ COMMANDS = {
     "toy": ("jobs.toy", "build or evaluate the toy world (toy build / toy eval)"),
     "search": ("jobs.search", "solve a data set with a search method"),
     "report": ("jobs.report", "print the accuracy table of a search run again"),
-    "train": ("jobs.train", "SFT or PRM training on Ray Train + DeepSpeed (--config toy/sft)"),
+    "train": ("jobs.train", "SFT, PRM, DPO, step-DPO, LaTRO, PPO on Ray Train + DeepSpeed (--config toy/sft)"),
+    "synthesize": ("jobs.synthesize", "training data from the pools (synthesize pairs --config toy/pairs)"),
+    "tune": ("jobs.tune", "sweep compute budgets on Ray Tune (--config toy/sweep_quick)"),
+    "frontier": ("jobs.frontier", "the compute-optimal frontier of a sweep again"),
+    "route": ("jobs.route", "train or evaluate the learned router (route train|eval --config toy/router)"),
+    "serve": ("jobs.serve", "routed solving on Ray Serve (--config configs/serve/toy.yaml)"),
     "bench": ("jobs.bench", "benchmarks: grading, engine, search"),
 }
 

@@ -82,7 +82,7 @@ def dry_run(pools: dict, out=None, gpu_memory_gib: float | None = None,
         mem = est.get("error") or describe_memory(est)
         print(f"{name}: {cfg.engine} {cfg.model}, {cfg.replicas} replica(s) x tp {cfg.tp}; {mem}", file=out)
     print(plan.table(), file=out)
-    check_fit(plan)
+    check_fit(plan, settle_s=2.0)
     print("fits: the cluster has the free resources for this plan", file=out, flush=True)
     return 0
 

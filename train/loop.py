@@ -18,7 +18,17 @@
   and the loop skips the batches it has already done (batches are a pure function of seed and epoch).
   A run that already finished returns at once with its last checkpoint.
 - Metrics each epoch (and at each step checkpoint): loss (mean over the epoch, averaged over workers), lr,
-  epoch, global_step, samples/s, plus whatever the task's `evaluate` returns. A tqdm bar on rank 0.
+  epoch, global_step, samples/s, the means of whatever extra metrics the task's `loss` returns, plus whatever the
+  task's `evaluate` returns. Per optimizer step: one row (step, loss, lr, the task's extras; averaged over workers)
+  on the tqdm bar of rank 0 and in `metrics.jsonl` inside every checkpoint (all steps so far, carried over a
+  resume), so per-step curves need no extra Ray Train report (each report is a barrier across workers).
+- On a cluster (issue 25): `storage_path` must be storage every node sees (`app.storage.check_output_path`: a
+  relative path under `ray job submit` is refused, not resolved to the head node's working dir; `<shared>` is a
+  placeholder; URIs such as s3:// are fine). The exported model is read through the checkpoint's own filesystem,
+  so URI storage works to the end. ZeRO-3 builds the model under `zero.Init` (transformers' `HfDeepSpeedConfig`
+  is set before `build_model`, so `from_pretrained` / `from_config` create each parameter already partitioned,
+  never the full fp32 model per worker) and exports through DeepSpeed's consolidated 16-bit state dict, gathered
+  layer by layer onto rank 0's CPU. `gradient_checkpointing` turns on HF's non-reentrant checkpointing.
 
 Why a plain loop and not TRL's SFTTrainer: the PRM loss (soft labels at step-tag positions of a token-classification
 head) and the Math-Shepherd '+'/'-' loss have no TRL trainer (TRL 1.16 dropped its PRM trainer), and one loop for
@@ -72,14 +82,21 @@ class TrainConfig(Config):
     checkpoint_every_steps: int | None = Field(None, ge=1, description="also checkpoint mid-epoch")
     keep_checkpoints: int = Field(2, ge=1)
     name: str = Field("run", description="run name: a second fit with the same name and storage resumes it")
-    storage_path: str = Field("runs/train", description="where Ray Train keeps checkpoints (local path or URI)")
+    storage_path: str = Field("runs/train", validate_default=True,
+                              description="where Ray Train keeps checkpoints: a local path (made absolute; refused "
+                              "when relative on a cluster) or a URI (s3://, gs://, ...); every node must see it")
+    gradient_checkpointing: bool = Field(False, description="recompute activations in the backward pass (HF "
+                                         "gradient checkpointing, non-reentrant): big models on GPU")
     bucket_size: int = Field(20_000_000, ge=1, description="ZeRO reduce/allgather bucket (elements)")
     progress: bool = True
 
     @field_validator("storage_path")
     @classmethod
     def _abs_storage(cls, v: str) -> str:
-        if "://" in v:
+        from app.storage import check_output_path, is_uri
+
+        check_output_path(v, "train.storage_path", allow_uri=True)  # refused before a relative path is resolved
+        if is_uri(v) or "://" in v:
             return v
         return str(Path(v).expanduser().resolve())
 
@@ -131,7 +148,24 @@ class TrainTask:
         raise NotImplementedError
 
     def loss(self, model, batch: dict):
+        """The loss of one micro batch (a scalar tensor), or (loss, {name: float}) with extra metrics, which the
+        loop averages per step and per epoch over micro batches and workers (every call must return the same
+        names)."""
         raise NotImplementedError
+
+    def prepare(self, engine, examples: list[dict], tokenizer, rank: int, world: int) -> None:
+        """Optional: called on every rank after `deepspeed.initialize` and before a checkpoint is loaded, so
+        `engine` still holds the starting weights (DPO computes its frozen reference's log-probs here). Under
+        ZeRO-3 each forward is a collective: every rank must run the same number."""
+
+    def weights_changed(self, engine, global_step: int, rank: int, world: int) -> None:
+        """Optional: called on every rank once the weights are in place before training (after a checkpoint
+        loads; `global_step` 0 on a fresh run) and after every optimizer step: RL trainers push the new weights
+        to their rollout actor here (`train.latro`). Under ZeRO-3 gathering them is a collective."""
+
+    def lr_scale(self, name: str) -> float:
+        """Optional: the learning rate of parameter `name` relative to `train.lr` (PPO's critic trains slower)."""
+        return 1.0
 
     def evaluate(self, model, tokenizer) -> dict:
         """Optional metrics at the end of each epoch (rank 0 runs it; keep it cheap)."""
@@ -169,14 +203,15 @@ def _lr_lambda(cfg: TrainConfig, total_steps: int):
 
 
 def _export_hf(engine, tokenizer, cfg: TrainConfig, out: Path, rank: int) -> None:
-    """save_pretrained of the full model into out (rank 0 writes); ZeRO-3 parameters gathered on every rank."""
+    """save_pretrained of the full model into out (rank 0 writes).
+
+    ZeRO-3: DeepSpeed's consolidated state dict (every rank takes part): parameters are gathered module by module
+    and copied to rank 0's CPU in the training dtype (bf16 on GPU), each module released before the next, so no
+    rank ever holds the whole model on its GPU, nor any of it in fp32 (HF Trainer exports ZeRO-3 the same way).
+    """
     model = engine.module
     if cfg.zero_stage == 3:
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
-            if rank == 0:
-                state = {k: v.detach().clone().float() for k, v in model.state_dict().items()}
+        state = engine._zero3_consolidated_16bit_state_dict()
         if rank == 0:
             model.save_pretrained(out, state_dict=state, safe_serialization=True)
     elif rank == 0:
@@ -220,8 +255,23 @@ def worker_loop(config: dict) -> None:
     examples = task.load_examples(tokenizer)
     if not examples:
         raise ValueError("no training examples")
+    ds_config = deepspeed_config(cfg)
+    hf_ds = None
+    if cfg.zero_stage == 3:
+        # While this object lives, transformers' from_pretrained / from_config build the model under
+        # deepspeed.zero.Init: each worker allocates only its shard of every parameter (and from_pretrained loads
+        # the weights into the shards), instead of the full fp32 model per worker.
+        from transformers.integrations import HfDeepSpeedConfig
+
+        deepspeed.init_distributed(dist_backend="nccl" if cfg.use_gpu else "gloo")  # wraps Ray Train's process
+        # group, so the config sees the real world size
+        hf_ds = HfDeepSpeedConfig(ds_config)
     model = task.build_model()
-    lengths = [len(e["input_ids"]) for e in examples]
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if getattr(model, "config", None) is not None:
+            model.config.use_cache = False
+    lengths = [e.get("length", len(e["input_ids"])) for e in examples]
     steps_per_epoch = len(epoch_batches(lengths, cfg.micro_batch_size, world, cfg.grad_accum, cfg.seed, 0)) // (
         world * cfg.grad_accum
     )
@@ -234,25 +284,39 @@ def worker_loop(config: dict) -> None:
     if cfg.max_steps:
         total_steps = min(total_steps, cfg.max_steps)
 
-    decay, no_decay = [], []
+    by_group: dict[tuple[bool, float], list] = {}
     for n, p in model.named_parameters():
-        (no_decay if p.ndim < 2 or "norm" in n else decay).append(p)
+        shape = getattr(p, "ds_shape", p.shape)  # under zero.Init a parameter is a flat shard: its full shape
+        decayed = len(shape) >= 2 and "norm" not in n
+        by_group.setdefault((decayed, float(task.lr_scale(n))), []).append(p)
+    # train.lr's groups first, decayed then not (the order of the plain two groups: old checkpoints resume, and
+    # the reported lr is train.lr), then any groups of a task's lr_scale
+    order = sorted(by_group, key=lambda key: (key[1] != 1.0, not key[0], key[1]))
+    groups = [{"params": by_group[(decayed, scale)], "weight_decay": cfg.weight_decay if decayed else 0.0,
+               "lr": cfg.lr * scale} for decayed, scale in order]
     optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        [g for g in groups if g["params"]],  # ZeRO drops empty groups, which would break the scheduler
         lr=cfg.lr,
         betas=tuple(cfg.betas),
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg, total_steps))
     engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg)
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
     )
     device = engine.device
+    task.prepare(engine, examples, tokenizer, rank, world)  # the starting weights, before a checkpoint loads
 
+    history: list[dict] = []  # one row per optimizer step (rank 0 writes them into each checkpoint)
     if checkpoint:
         with checkpoint.as_directory() as d:
             engine.load_checkpoint(str(Path(d) / "ds"), tag="state")
+            rows = Path(d) / "metrics.jsonl"
+            if rank == 0 and rows.exists():
+                history = [json.loads(x) for x in rows.read_text().splitlines() if x.strip()]
+                history = [r for r in history if r["step"] <= state["global_step"]]
         if rank == 0:
             print(f"resumed from {checkpoint.path}: epoch {state['epoch']}, global step {state['global_step']}", flush=True)
+    task.weights_changed(engine, state["global_step"], rank, world)
 
     bar = tqdm(total=total_steps, initial=state["global_step"], desc=config.get("desc", "train"),
                disable=rank != 0 or not cfg.progress, dynamic_ncols=True, mininterval=2.0)
@@ -263,6 +327,7 @@ def worker_loop(config: dict) -> None:
             info = dict(state, metrics=metrics)
             if rank == 0:
                 (Path(tmp) / "train_state.json").write_text(json.dumps(info))
+                (Path(tmp) / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
             _export_hf(engine, tokenizer, cfg, Path(tmp) / "hf", rank)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                              checkpoint_dir_name=f"step_{state['global_step']:07d}")
@@ -273,6 +338,18 @@ def worker_loop(config: dict) -> None:
             torch.distributed.all_reduce(t)
         return float(t[0] / max(t[1], 1.0))
 
+    def means_all(sums: dict[str, float], count: int) -> dict[str, float]:
+        """{name: sum over this rank's micro batches} -> {name: mean over all ranks' micro batches}, one reduce."""
+        names = sorted(sums)
+        t = torch.tensor([sums[k] for k in names] + [float(count)], dtype=torch.float64, device=device)
+        if world > 1:
+            torch.distributed.all_reduce(t)
+        return {k: float(t[i] / max(t[-1], 1.0)) for i, k in enumerate(names)}
+
+    def run_loss(batch):
+        out = task.loss(engine, batch)
+        return out if isinstance(out, tuple) else (out, {})
+
     start_step = state["global_step"]
     engine.train()
     finished = False
@@ -281,32 +358,47 @@ def worker_loop(config: dict) -> None:
         mine = batches[rank::world]
         start_micro = state["step_in_epoch"] * cfg.grad_accum if epoch == state["epoch"] else 0
         loss_sum, loss_n, t0, seen = 0.0, 0, time.time(), 0
+        epoch_sums: dict[str, float] = {}
+        step_sums: dict[str, float] = {}
+        step_n = 0
         for mi in range(start_micro, len(mine)):
             batch = task.collate([examples[i] for i in mine[mi]], tokenizer)
             batch = {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
-            loss = task.loss(engine, batch)
+            lr = scheduler.get_last_lr()[0]  # the lr this step trains with
+            loss, extra = run_loss(batch)
             engine.backward(loss)
             engine.step()
-            loss_sum += float(loss.detach())
+            value = float(loss.detach())
+            loss_sum += value
             loss_n += 1
+            step_n += 1
+            for k, v in {"loss": value, **extra}.items():
+                step_sums[k] = step_sums.get(k, 0.0) + float(v)
+                if k != "loss":
+                    epoch_sums[k] = epoch_sums.get(k, 0.0) + float(v)
             seen += len(mine[mi]) * world
             if (mi + 1) % cfg.grad_accum:
                 continue
             state["global_step"] += 1
+            task.weights_changed(engine, state["global_step"], rank, world)
             state["step_in_epoch"] = (mi + 1) // cfg.grad_accum
+            row = dict(step=state["global_step"], epoch=epoch, lr=lr, **means_all(step_sums, step_n))
+            step_sums, step_n = {}, 0
+            if rank == 0:
+                history.append(row)
+                bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k not in ("step", "epoch")}, refresh=False)
             bar.update(1)
-            if state["global_step"] % 10 == 0:
-                bar.set_postfix(epoch=epoch, loss=f"{loss_sum / loss_n:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}",
-                                refresh=False)
             last = state["global_step"] >= total_steps
             at_end = state["step_in_epoch"] >= steps_per_epoch
             if cfg.checkpoint_every_steps and state["global_step"] % cfg.checkpoint_every_steps == 0 and not (last or at_end):
                 save(dict(loss=mean_all(loss_sum, loss_n), epoch=epoch, global_step=state["global_step"],
-                          lr=scheduler.get_last_lr()[0], start_step=start_step, partial_epoch=True))
+                          lr=scheduler.get_last_lr()[0], start_step=start_step, partial_epoch=True,
+                          **means_all(epoch_sums, loss_n)))
             if last:
                 finished = True
                 break
         metrics = dict(
+            **means_all(epoch_sums, loss_n),
             loss=mean_all(loss_sum, loss_n),
             epoch=epoch,
             global_step=state["global_step"],
@@ -319,11 +411,14 @@ def worker_loop(config: dict) -> None:
             metrics.update(task.evaluate(engine.module, tokenizer))
             engine.train()
             bar.write(f"epoch {epoch}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
-        state["epoch"], state["step_in_epoch"] = epoch + 1, 0
+        if not (finished and state["step_in_epoch"] < steps_per_epoch):
+            state["epoch"], state["step_in_epoch"] = epoch + 1, 0  # else stopped by max_steps mid-epoch: a later
+            # run with more steps goes on from this batch, not from the next epoch
         save(metrics)
         if finished:
             break
     bar.close()
+    del hf_ds  # kept alive until here: transformers holds it by a weak reference
 
 
 def fit(task: TrainTask, cfg: TrainConfig, desc: str = "train"):
@@ -349,14 +444,37 @@ def fit(task: TrainTask, cfg: TrainConfig, desc: str = "train"):
     return trainer.fit()
 
 
-def exported_model(result) -> Path:
-    """The `hf/` folder inside a fit result's checkpoint (a local path for local storage)."""
+def exported_model(result) -> Path | str:
+    """The `hf/` folder inside a fit result's checkpoint: a local Path for local storage, else its URI.
+
+    Read through the checkpoint's own filesystem (`Checkpoint.filesystem`): on `s3://` storage
+    `result.checkpoint.path` is a key inside the bucket, not a local path."""
+    import pyarrow.fs
+
     if result.checkpoint is None:
         raise ConfigError("training produced no checkpoint")
-    path = Path(result.checkpoint.path) / "hf"
-    if not (path / "config.json").exists():
-        raise FileNotFoundError(f"no exported model in checkpoint {result.checkpoint.path}")
-    return path
+    ckpt = result.checkpoint
+    info = ckpt.filesystem.get_file_info(f"{ckpt.path}/hf/config.json")
+    if info.type == pyarrow.fs.FileType.NotFound:
+        raise FileNotFoundError(f"no exported model in checkpoint {ckpt.path}")
+    if isinstance(ckpt.filesystem, pyarrow.fs.LocalFileSystem):
+        return Path(ckpt.path) / "hf"
+    scheme = {"s3": "s3", "gcs": "gs", "hdfs": "hdfs"}.get(ckpt.filesystem.type_name)
+    return f"{scheme}://{ckpt.path}/hf" if scheme else f"{ckpt.path}/hf"  # else: a path on that filesystem
+
+
+def download_export(checkpoint, dst: str | Path) -> Path:
+    """Copy the checkpoint's `hf/` folder (only that: not the DeepSpeed shards) to the local folder `dst`,
+    through the checkpoint's filesystem (local, s3, gs, ...)."""
+    import pyarrow.fs
+
+    dst = Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    pyarrow.fs.copy_files(f"{checkpoint.path}/hf", str(dst), source_filesystem=checkpoint.filesystem,
+                          destination_filesystem=pyarrow.fs.LocalFileSystem())
+    if not (dst / "config.json").exists():
+        raise FileNotFoundError(f"no exported model in checkpoint {checkpoint.path}")
+    return dst
 
 
 def save_compact(src: str | Path, dst: str | Path, dtype: str = "bfloat16", overwrite: bool = True,
@@ -393,13 +511,20 @@ def save_compact(src: str | Path, dst: str | Path, dtype: str = "bfloat16", over
 
 
 def fit_and_export(task: TrainTask, cfg: TrainConfig, desc: str, output: str | None = None,
-                   dtype: str = "bfloat16", model_class=None) -> tuple[Any, Path]:
+                   dtype: str = "bfloat16", model_class=None) -> tuple[Any, Path | str]:
     """`fit`, raise its error if it failed, and return (result, the exported model: `output` if given, written
-    compact by `save_compact`, else the checkpoint's `hf/`)."""
+    compact by `save_compact`, else the checkpoint's `hf/`, a local path or a URI)."""
     result = fit(task, cfg, desc=desc)
     if result.error:
         raise result.error
     path = exported_model(result)
     if output:
-        path = save_compact(path, output, dtype=dtype, model_class=model_class)
+        path = export_to(result.checkpoint, output, dtype=dtype, model_class=model_class)
     return result, path
+
+
+def export_to(checkpoint, output: str | Path, dtype: str = "bfloat16", model_class=None) -> Path:
+    """The checkpoint's exported model written compact to the local folder `output` (URI storage included)."""
+    with tempfile.TemporaryDirectory(prefix="ponder-export-") as tmp:
+        src = download_export(checkpoint, Path(tmp) / "hf")
+        return save_compact(src, output, dtype=dtype, model_class=model_class)

@@ -272,6 +272,28 @@ class HFEngine:
                 del out
         return result, prefilled  # type: ignore[return-value]
 
+    def update_weights(self, state, version: int | None = None) -> int | None:
+        """Load new weights into the live model (RL weight sync: the trainer pushes them after each optimizer step).
+
+        state: {parameter name: tensor} (the model's `state_dict` names; a subset is fine, e.g. one bucket of a
+        big model), or a folder / .safetensors file to read them from. Each tensor is copied in place (cast to the
+        engine's dtype and device), under the generation lock, so no batch ever decodes with half-updated weights;
+        the prefix cache is cleared (its keys and values came from the old weights). Unknown names or shapes raise
+        and change nothing. Returns `version`, kept as `self.weights_version`."""
+        import torch
+
+        state = read_weights(state)
+        own = self.model.state_dict()
+        bad = [k for k, v in state.items() if k not in own or tuple(own[k].shape) != tuple(v.shape)]
+        if bad:
+            raise KeyError(f"update_weights: {len(bad)} tensors do not match the model, e.g. {bad[:3]}")
+        with self._lock, torch.no_grad():
+            for k, v in state.items():
+                own[k].copy_(v.to(device=own[k].device, dtype=own[k].dtype))
+            self.prefix_cache.clear()
+            self.weights_version = version
+        return version
+
     @staticmethod
     def _sample(logits, temps, top_ps, greedy, any_top_p: bool, gens):
         """Per-row sampling: greedy rows take the argmax; the others draw one uniform from their own generator
@@ -296,3 +318,21 @@ class HFEngine:
         idx = torch.searchsorted(cdf, u[:, None], right=True).clamp(max=cdf.shape[-1] - 1)
         sampled = order.gather(1, idx)[:, 0]
         return torch.where(greedy, tok, sampled)
+
+
+def read_weights(state) -> dict:
+    """A state dict as given, or read from a .safetensors file or a folder of them (a `save_pretrained` export)."""
+    if isinstance(state, dict):
+        return state
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    path = Path(state)
+    files = [path] if path.is_file() else sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"update_weights: no .safetensors weights at {path}")
+    out: dict = {}
+    for f in files:
+        out.update(load_file(str(f)))
+    return out

@@ -105,6 +105,7 @@ class VLLMEngine:
             # prefill, and a CPU generator cannot rewind: "CPU Generator does not use offset" kills the engine
             # as soon as concurrent seeded prompts exceed one step's token budget. Whole prefills avoid it.
             args["enable_chunked_prefill"] = False
+        args.setdefault("worker_extension_cls", "actors.engines.vllm.WeightSyncWorker")  # update_weights
         for key, value in vllm_executor_args(tensor_parallel_size).items():
             args.setdefault(key, value)
         args.update(engine_args)
@@ -205,6 +206,33 @@ class VLLMEngine:
         fut = asyncio.run_coroutine_threadsafe(self._generate(list(requests)), self._loop)
         return await asyncio.wrap_future(fut)
 
+    async def update_weights(self, state, version: int | None = None) -> int | None:
+        """Load new weights into the live engine (RL weight sync), as `HFEngine.update_weights` does.
+
+        Through vLLM's `collective_rpc` to `WeightSyncWorker.ponder_load_weights` on every worker (the model's own
+        `load_weights`, which maps HF names onto vLLM's fused layers), then `reset_prefix_cache` (cached blocks
+        hold keys and values of the old weights). Tensors travel by vLLM's RPC serialisation: right for toy and
+        small models and for CPU; a 7B model on GPUs wants vLLM's NCCL weight-transfer engine
+        (`vllm.distributed.weight_transfer`, `AsyncLLM.update_weights`) instead, not wired here."""
+        from actors.engines.hf import read_weights
+
+        if self._closed:
+            raise RuntimeError("VLLMEngine is closed")
+        import torch
+
+        # as raw bytes: vLLM's RPC encoder turns a tensor inside a dict argument into nested lists
+        state = {k: (str(v.dtype).removeprefix("torch."), list(v.shape),
+                     v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+                 for k, v in read_weights(state).items()}
+
+        async def run():
+            await self.llm.collective_rpc("ponder_load_weights", args=(state,))
+            await self.llm.reset_prefix_cache()
+
+        await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(run(), self._loop))
+        self.weights_version = version
+        return version
+
     def generate_sync(self, requests: Sequence[GenerationRequest]) -> list[list[Completion]]:
         if self._closed:
             raise RuntimeError("VLLMEngine is closed")
@@ -237,3 +265,24 @@ class VLLMEngine:
             self.close()
         except Exception:
             pass
+
+
+class WeightSyncWorker:
+    """vLLM worker extension (`worker_extension_cls`): the method `VLLMEngine.update_weights` calls on each worker."""
+
+    def ponder_load_weights(self, state: dict) -> int:
+        """state: {name: (dtype name, shape, raw bytes)}, as `VLLMEngine.update_weights` sends it."""
+        import torch
+
+        device = next(self.model_runner.model.parameters()).device  # type: ignore[attr-defined]
+
+        def tensor(dtype: str, shape: list, raw: bytes):
+            t = torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(getattr(torch, dtype)).reshape(shape)
+            return t.to(device)
+
+        # vLLM's in-place reload (model_loader.reload): the model's own load_weights maps HF names onto vLLM's
+        # fused layers, and the layers that repacked their weights after loading (CPU kernels do) are redone;
+        # a plain model.load_weights after start fails there ("no attribute 'weight_loader'")
+        self.model_runner.reload_weights(  # type: ignore[attr-defined]
+            weights_iterator=((k, tensor(*v)) for k, v in state.items()))
+        return len(state)

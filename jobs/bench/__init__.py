@@ -18,6 +18,8 @@ TARGETS = {
     "grading": "jobs.bench.grading",
     "engine": "jobs.bench.engine",
     "search": "jobs.bench.search",
+    "serve": "jobs.bench.serve",
+    "tune": "jobs.bench.tune",
 }
 
 
