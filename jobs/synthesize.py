@@ -15,7 +15,7 @@ from typing import Sequence
 from app.config import ConfigError, apply_overrides, build_config, read_recipe
 from jobs.common import init_ray, recipe_parser, user_errors
 
-KINDS = ("pairs",)  # states (LPR) and omega (OmegaPRM) come with issue 24's other parts
+KINDS = ("pairs",)  # LPR intermediate states and OmegaPRM's binary search are not built yet
 
 
 def load(kind: str, recipe: str | None, overrides: Sequence[str]):

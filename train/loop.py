@@ -22,7 +22,7 @@
   task's `evaluate` returns. Per optimizer step: one row (step, loss, lr, the task's extras; averaged over workers)
   on the tqdm bar of rank 0 and in `metrics.jsonl` inside every checkpoint (all steps so far, carried over a
   resume), so per-step curves need no extra Ray Train report (each report is a barrier across workers).
-- On a cluster (issue 25): `storage_path` must be storage every node sees (`app.storage.check_output_path`: a
+- On a cluster: `storage_path` must be storage every node sees (`app.storage.check_output_path`: a
   relative path under `ray job submit` is refused, not resolved to the head node's working dir; `<shared>` is a
   placeholder; URIs such as s3:// are fine). The exported model is read through the checkpoint's own filesystem,
   so URI storage works to the end. ZeRO-3 builds the model under `zero.Init` (transformers' `HfDeepSpeedConfig`
