@@ -19,7 +19,7 @@
   A run that already finished returns at once with its last checkpoint.
 - Metrics each epoch (and at each step checkpoint): loss (mean over the epoch, averaged over workers), lr,
   epoch, global_step, samples/s, the means of whatever extra metrics the task's `loss` returns, plus whatever the
-  task's `evaluate` returns. Per optimizer step: one row (step, loss, lr, the task's extras; averaged over workers)
+  task's `evaluate` returns. Per optimizer step: one row (step, loss, lr, the task's extras averaged over workers, step_s)
   on the tqdm bar of rank 0 and in `metrics.jsonl` inside every checkpoint (all steps so far, carried over a
   resume), so per-step curves need no extra Ray Train report (each report is a barrier across workers).
 - On a cluster: `storage_path` must be storage every node sees (`app.storage.check_output_path`: a
@@ -361,6 +361,7 @@ def worker_loop(config: dict) -> None:
         epoch_sums: dict[str, float] = {}
         step_sums: dict[str, float] = {}
         step_n = 0
+        t_step = time.perf_counter()
         for mi in range(start_micro, len(mine)):
             batch = task.collate([examples[i] for i in mine[mi]], tokenizer)
             batch = {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
@@ -382,7 +383,8 @@ def worker_loop(config: dict) -> None:
             state["global_step"] += 1
             task.weights_changed(engine, state["global_step"], rank, world)
             state["step_in_epoch"] = (mi + 1) // cfg.grad_accum
-            row = dict(step=state["global_step"], epoch=epoch, lr=lr, **means_all(step_sums, step_n))
+            row = dict(step=state["global_step"], epoch=epoch, lr=lr, **means_all(step_sums, step_n),
+                       step_s=time.perf_counter() - t_step)  # rank 0's wall seconds of this optimizer step
             step_sums, step_n = {}, 0
             if rank == 0:
                 history.append(row)
@@ -394,6 +396,7 @@ def worker_loop(config: dict) -> None:
                 save(dict(loss=mean_all(loss_sum, loss_n), epoch=epoch, global_step=state["global_step"],
                           lr=scheduler.get_last_lr()[0], start_step=start_step, partial_epoch=True,
                           **means_all(epoch_sums, loss_n)))
+            t_step = time.perf_counter()  # a checkpoint's time is not the next step's
             if last:
                 finished = True
                 break

@@ -20,6 +20,7 @@ TARGETS = {
     "search": "jobs.bench.search",
     "serve": "jobs.bench.serve",
     "tune": "jobs.bench.tune",
+    "train": "jobs.bench.train",
 }
 
 

@@ -1,0 +1,141 @@
+"""`python -m jobs.bench train [--steps S] [--micro-batch B] [--skip-rl] [--json]`: what ponder's training costs.
+
+train_overhead = seconds per optimizer step of ponder's DPO (Ray Train, 1 worker, DeepSpeed ZeRO-0, the shared
+loop's own `step_s`) / seconds per optimizer step of TRL's `DPOTrainer` run in one plain process, on the same pairs,
+model, batch size, beta and lr (both with the reference's log-probs computed once before training, as ponder
+does: `precompute_ref_log_probs=True`). Medians over the steps after the first two (warm-up). 1.0: Ray Train and
+DeepSpeed add nothing per step.
+
+rollout_share (LaTRO and PPO): the share of an optimizer step spent generating rollouts through the policy pool
+(`train.latro.rollout_share` over the run's per-step rows), from short toy runs; `--skip-rl` leaves them out.
+
+The pairs are the toy world's: chosen = a correct worked solution, rejected = the same solution with a wrong final
+answer, so both trainers see identical tokens.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+
+def add_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--steps", type=int, default=12, help="optimizer steps of each DPO run")
+    parser.add_argument("--micro-batch", type=int, default=8, help="pairs per optimizer step")
+    parser.add_argument("--skip-rl", action="store_true", help="leave out the LaTRO and PPO rollout shares")
+    parser.add_argument("--rl-steps", type=int, default=6, help="optimizer steps of the LaTRO and PPO runs")
+
+
+def toy_pairs(n: int) -> list[dict]:
+    """Whole-response pairs from toy worked solutions: the right one, and the same with its answer off by one."""
+    from app.toy.world import sft_examples
+
+    out = []
+    for ex in sft_examples(max(1, n // 5 + 1), seed=7)[:n]:
+        wrong = ex["completion"].rsplit(ex["answer"], 1)
+        rejected = (wrong[0] + str(int(ex["answer"]) + 1) + wrong[1]) if len(wrong) == 2 else ex["completion"] + "1"
+        out.append(dict(prompt=ex["prompt"], chosen=ex["completion"], rejected=rejected, kind="outcome"))
+    return out
+
+
+def middle(times: list[float]) -> float:
+    return statistics.median(times[2:] or times)
+
+
+def ponder_dpo(data: Path, steps: int, micro_batch: int, work: Path) -> list[float]:
+    """Per-step seconds of ponder's DPO on Ray Train, 1 worker, ZeRO-0 (the loop's `step_s` rows)."""
+    from train.dpo import DPOConfig, train
+    from train.loop import TrainConfig
+
+    cfg = DPOConfig(job="dpo", model="toy:policy", data=str(data), kinds=["outcome"], beta=0.1,
+                    train=TrainConfig(name="bench-dpo", storage_path=str(work / "ray"), num_workers=1, zero_stage=0,
+                                      micro_batch_size=micro_batch, lr=1e-5, warmup_steps=0, epochs=1,
+                                      max_steps=steps, checkpoint_every_steps=None))
+    result, _ = train(cfg)
+    rows = _metrics(result.checkpoint)
+    return [r["step_s"] for r in rows if "step_s" in r]
+
+
+def _metrics(checkpoint) -> list[dict]:
+    with checkpoint.as_directory() as d:
+        path = Path(d) / "metrics.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def trl_dpo(pairs: list[dict], steps: int, micro_batch: int, work: Path) -> list[float]:
+    """Per-step seconds of TRL's DPOTrainer in this process (CPU), the same pairs and hyperparameters."""
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    from actors.engines.base import load_tokenizer
+    from app.toy import resolve_model
+
+    path = resolve_model("toy:policy")
+    tok = load_tokenizer(path)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    times: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            times.append(time.perf_counter() - self.t0)
+
+    args = DPOConfig(output_dir=str(work / "trl"), per_device_train_batch_size=micro_batch, max_steps=steps,
+                     learning_rate=1e-5, beta=0.1, lr_scheduler_type="constant", report_to=[], save_strategy="no",
+                     logging_steps=steps, use_cpu=True, precompute_ref_log_probs=True, dataloader_num_workers=0,
+                     max_length=512)
+    trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(pairs), processing_class=tok,
+                         callbacks=[Clock()])
+    trainer.train()
+    return times
+
+
+def rl_share(job: str, steps: int, work: Path) -> float:
+    """rollout_share of a short toy LaTRO or PPO run (1 worker)."""
+    from app.config import load_config
+    from jobs.train import config_class, trainer_module
+
+    cls = config_class(job)
+    cfg = load_config(cls, f"toy/{job}", [f"train.name=bench-{job}", f"train.storage_path={work / 'ray'}",
+                                          "train.num_workers=1", f"train.max_steps={steps}",
+                                          "train.checkpoint_every_steps=null", "output=null"])
+    result, _ = trainer_module(job).train(cfg)
+    from train.latro import rollout_share
+
+    return rollout_share(_metrics(result.checkpoint), getattr(cfg.train, "grad_accum", 1))
+
+
+def run(args) -> tuple[list[dict], dict]:
+    from jobs.common import init_ray
+
+    init_ray()
+    rows: list[dict] = []
+    figures: dict = {}
+    with tempfile.TemporaryDirectory(prefix="ponder-bench-train-") as tmp:
+        work = Path(tmp)
+        pairs = toy_pairs(args.steps * args.micro_batch)
+        data = work / "pairs.jsonl"
+        data.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+        t_trl = trl_dpo(pairs, args.steps, args.micro_batch, work)
+        t_ponder = ponder_dpo(data, args.steps, args.micro_batch, work)
+        a, b = middle(t_ponder), middle(t_trl)
+        rows += [dict(run="ponder DPO (Ray Train, 1 worker, ZeRO-0)", steps=len(t_ponder), s_per_step=a),
+                 dict(run="TRL DPOTrainer (one process)", steps=len(t_trl), s_per_step=b)]
+        figures.update(train_overhead=round(a / b, 3), ponder_s_per_step=round(a, 4), trl_s_per_step=round(b, 4),
+                       steps=args.steps, micro_batch=args.micro_batch)
+        if not args.skip_rl:
+            for job in ("latro", "ppo"):
+                share = rl_share(job, args.rl_steps, work)
+                rows.append(dict(run=f"{job}: share of a step generating rollouts", steps=args.rl_steps,
+                                 rollout_share=share))
+                figures[f"rollout_share_{job}"] = round(share, 3)
+    return rows, figures
