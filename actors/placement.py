@@ -231,13 +231,13 @@ def check_fit(plan: Plan, nodes: list[dict[str, float]] | None = None, settle_s:
     for k in ("GPU", "CPU"):
         if need.get(k, 0.0) > have[k] + _EPS:
             hint = ("set prm.colocate=true (policy and PRM share each GPU), or lower policy.replicas / prm.replicas"
-                    if k == "GPU" else "lower num_cpus or replicas")
+                    if k == "GPU" else "lower num_cpus / train.cpus_per_worker, or replicas / train.num_workers")
             raise ConfigError(f"placement: the pools need {need[k]:g} {k}s ({parts}), the cluster has "
                               f"{have[k]:g} free; {hint}")
     bad = _fits(plan.groups, nodes)
     if bad is not None:
         raise ConfigError(f"placement: {plan.owners[bad]} group {bad} ({' '.join(map(_fmt_bundle, plan.groups[bad]))}) "
-                          f"fits on no node's free resources ({parts}); use fewer GPUs per replica (tp) or bigger nodes")
+                          fX
 
 
 def reserve(plan: Plan, name: str = "ponder", timeout_s: float = 600.0) -> list:

@@ -15,7 +15,7 @@ import sys
 from typing import Sequence
 
 from app.config import ConfigError, apply_overrides, build_config, read_recipe
-from jobs.common import init_ray, recipe_parser, user_errors
+from jobs.common import dry_run, init_ray, recipe_parser, user_errors
 
 JOBS = ("sft", "prm", "dpo", "step-dpo", "latro", "ppo")
 
@@ -94,6 +94,22 @@ def absolute_paths(cfg):
     return cfg.model_copy(update=update) if update else cfg
 
 
+def demand(cfg) -> tuple[dict, dict]:
+    """What a training job asks of the cluster: its rollout / PRM pools (LaTRO, PPO) and one bundle per Ray Train
+    worker, for `jobs.common.dry_run` (pools, extra)."""
+    from app.pool_config import PoolConfig
+
+    pools = {}
+    if cfg.job in ("latro", "ppo"):
+        pools["policy"] = (getattr(cfg, "rollout", None) or PoolConfig(engine="hf")).model_copy(
+            update={"model": cfg.model})
+    if cfg.job == "ppo":
+        pools["prm"] = cfg.prm
+    t = cfg.train
+    worker = {"CPU": float(t.cpus_per_worker), **({"GPU": 1.0} if t.use_gpu else {})}
+    return pools, {"train": [[worker]] * t.num_workers}
+
+
 @user_errors
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -109,6 +125,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         mod.check(cfg)  # missing or malformed data fail here, in one line, before Ray starts
     except (ConfigError, FileNotFoundError) as e:
         raise ConfigError(f"{source}: {e}") from None
+    if args.dry_run:
+        pools, extra = demand(cfg)
+        return dry_run(pools, extra=extra)
     init_ray()
     result, path = mod.train(cfg)
     metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}

@@ -157,3 +157,21 @@ def test_every_shipped_real_recipe_plans_and_fits_one_8_gpu_node():
         policy, prm = recipe.pool_configs()
         plan = plan_pools({"policy": policy, **({"prm": prm} if prm else {})}, gpus=True)
         check_fit(plan, NODE_8)
+
+
+def test_train_dry_run_counts_the_workers_with_the_pools_and_loads_nothing(tmp_path):
+    """`ponder train --dry-run`: the trainer's Ray Train workers are part of the one fit check (a local cluster)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_JOB_CONFIG_JSON_ENV_VAR")}
+    done = subprocess.run([sys.executable, "-m", "jobs.train", "--config", "toy/sft", "--dry-run",
+                           "train.num_workers=64", f"train.storage_path={tmp_path}"], capture_output=True, text=True,
+                          timeout=300, env=env, cwd=os.path.dirname(os.path.dirname(__file__)))
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert errors == [f"error: placement: the pools need 64 CPUs (train: 0 GPU/64 CPU), the cluster has "
+                      f"{max(2, os.cpu_count() or 2)} free; lower num_cpus / train.cpus_per_worker, or replicas / "
+                      f"train.num_workers"], done.stderr
+    assert "train  -        63" in done.stdout and not any(tmp_path.iterdir())
