@@ -237,7 +237,7 @@ def check_fit(plan: Plan, nodes: list[dict[str, float]] | None = None, settle_s:
     bad = _fits(plan.groups, nodes)
     if bad is not None:
         raise ConfigError(f"placement: {plan.owners[bad]} group {bad} ({' '.join(map(_fmt_bundle, plan.groups[bad]))}) "
-                          fX
+                          f"fits on no node's free resources ({parts}); use fewer GPUs per replica (tp) or bigger nodes")
 
 
 def reserve(plan: Plan, name: str = "ponder", timeout_s: float = 600.0) -> list:

@@ -11,11 +11,12 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """A real local Ray cluster (4 logical CPUs on a 2-core machine so that a few actors fit)."""
+    """A real local Ray cluster (4 logical CPUs on a 2-core machine so that a few actors fit), with the dashboard
+    as jobs start it: Ray Train's PlacementGroupCleaner asks the State API whether a run's controller is alive."""
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+        ray.init(num_cpus=4, include_dashboard=True, log_to_driver=False, ignore_reinit_error=True)
     yield ray
     ray.shutdown()
 

@@ -204,8 +204,10 @@ def test_step_dpo_trains_on_steps_under_ray_train(ray_cluster, tmp_path):
     from train.dpo import train
 
     data = write_jsonl(tmp_path / "pairs.jsonl", toy_pairs(16))
+    # max_failures: a worker lost to the machine (Ray Train's cleaner once removed the group under CI load) restarts
+    # the group from the latest checkpoint, as on a cluster; the run's rows are the same either way
     run = TrainConfig(num_workers=2, zero_stage=2, micro_batch_size=8, lr=2e-4, warmup_steps=0, epochs=3,
-                      name="sdpo-test", storage_path=str(tmp_path / "ray"), progress=False)
+                      name="sdpo-test", storage_path=str(tmp_path / "ray"), progress=False, max_failures=2)
     result, _ = train(DPOConfig(job="step-dpo", model="toy:policy", data=str(data), beta=0.1, train=run))
     rows = _history(result)
     assert len(rows) == 6  # 32 step pairs (the outcome pairs are skipped): 2 steps per epoch

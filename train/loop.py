@@ -81,6 +81,8 @@ class TrainConfig(Config):
     seed: int = 0
     checkpoint_every_steps: int | None = Field(None, ge=1, description="also checkpoint mid-epoch")
     keep_checkpoints: int = Field(2, ge=1)
+    max_failures: int = Field(0, ge=0, description="restart the worker group from the latest checkpoint this many "
+                              "times when a worker dies (a preempted or lost node); 0: the run fails at once")
     name: str = Field("run", description="run name: a second fit with the same name and storage resumes it")
     storage_path: str = Field("runs/train", validate_default=True,
                               description="where Ray Train keeps checkpoints: a local path (made absolute; refused "
@@ -442,6 +444,7 @@ def fit(task: TrainTask, cfg: TrainConfig, desc: str = "train"):
             name=cfg.name,
             storage_path=cfg.storage_path,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
         ),
     )
     return trainer.fit()
