@@ -4,7 +4,8 @@
     prm = pool.client()                          # RewardHandle: picklable
     scores = prm.score(question, [[step1, step2], [step1]])     # one score in [0, 1] per step
 
-The input layouts of the published PRMs are in `actors.prm_formats`; the engines in `actors.engines` (`hf_prm`:
+The input layouts of the published PRMs are in `actors.prm_formats` (LPR's value model: its 4-way head folded
+into P(v < 2), P(v >= 2) once loaded, `fold_value_head`); the engines in `actors.engines` (`hf_prm`:
 transformers, any layout; `vllm_prm`: the Qwen layout on vLLM's pooling runner; `toy_checker`: the toy world's
 checker, no model, the oracle verifier for measuring a search method's ceiling). Concurrent `score` calls are
 merged into one forward batch by the MicroBatcher (HF, checker), or handed straight to vLLM's async engine, which
@@ -19,7 +20,7 @@ from typing import Any, Literal, Sequence
 
 from actors.engines.base import INSTALL_HINT, load_tokenizer, vllm_available
 from actors.model_actor import ModelActor
-from actors.prm_formats import FORMATS, EncodedTrajectory, PRMInputError, describe, make_format
+from actors.prm_formats import FORMATS, EncodedTrajectory, PRMInputError, describe, fold_value_head, make_format
 from actors.replicas import ModelPool, PoolClient, check_model, start_replicas
 from app.config import ConfigError
 from app.contracts import ScoreResult, Usage
@@ -55,7 +56,10 @@ class PRMActor(ModelActor):
                 return VLLMPRMEngine(path, self.fmt, dtype=dtype, **kw)
             from actors.engines.hf_prm import HFPRMEngine
 
-            return HFPRMEngine(path, self.fmt, dtype=dtype, **kw)
+            hf = HFPRMEngine(path, self.fmt, dtype=dtype, **kw)
+            if self.fmt.num_labels != 2:  # a value head (LPR's 4 ways): the two columns P(bad), P(good)
+                fold_value_head(hf.model, self.fmt.good_labels)
+            return hf
 
         name = "toy-checker" if format == "toy-checker" else model
         self._start(engine, name, load, "score", max_batch, gather_ms)

@@ -12,11 +12,14 @@ constructor, in one place (ids depend on leading spaces, so they are never hard-
   score = P('+') of the softmax over the '+' and '-' logits at each "ки".
 - `RLHFlowFormat` ("rlhflow"): a causal LM; the steps are user turns of a chat, each answered "+";
   score of step k = P('+') vs '-' at the position that predicts the k-th assistant reply.
+- `LPRFormat` ("lpr"): LPR's value model (Jiao et al. 2024); a 4-way head (v = how many of 3 completions of the
+  state end right) on the last token of question + state; score of step k = P(v >= 2) at the last token of step k.
 
-Steps arrive as the policy wrote them, each ending in the step delimiter (default "\\n\\n"). Each format strips that
-one trailing delimiter before laying the steps out. One score per given step, never more. If the number of score
-positions found differs from the number of steps (a step that itself contains the tag, a tokenizer that merges
-the tag with its neighbours), scoring fails with an error naming the trajectory, never a silent pad or cut.
+Steps arrive as the policy wrote them, each ending in the step delimiter (default "\\n\\n"). Each format but LPR's
+strips that one trailing delimiter before laying the steps out (LPR's states are trained as the policy wrote
+them). One score per given step, never more. If the number of score positions found differs from the number of
+steps (a step that itself contains the tag, a tokenizer that merges the tag with its neighbours, an empty step),
+scoring fails with an error naming the trajectory, never a silent pad or cut.
 """
 from __future__ import annotations
 
@@ -69,6 +72,7 @@ class PRMFormat:
     name: ClassVar[str]
     head: ClassVar[Literal["classifier", "causal_lm"]]
     good_label: int = 1  # classifier column of the "good" label
+    num_labels: int = 2  # classifier columns
     label_ids: tuple[int, int] | None = None  # causal LM: vocabulary ids of (good, bad)
 
     def __init__(self, tokenizer, step_delimiter: str = "\n\n"):
@@ -231,7 +235,62 @@ class RLHFlowFormat(PRMFormat):
         return self._check(EncodedTrajectory(tuple(ids), tuple(pos)), steps, index, "assistant replies")
 
 
-FORMATS: dict[str, type[PRMFormat]] = {f.name: f for f in (QwenPRMFormat, MathShepherdFormat, RLHFlowFormat)}
+class LPRFormat(PRMFormat):
+    """LPR's PRM (Jiao et al. 2024; SparkJiao/dpo-trajectory-reasoning): a value model over states.
+
+    Trained on (question + state, v), v = how many of 3 completions of the state end right (0..3), with a 4-way
+    head on the last token (`train.synthesize.states` makes the data, `ponder train prm` with `format: lpr`
+    trains it: ponder's Qwen2 PRM class with `num_labels: 4`). Text: question + "\\n\\n" + the steps as the policy
+    wrote them (delimiters kept: a state ends in one, as its completions started from it). Tokenized piece by
+    piece (the question with the tokenizer's special tokens, then each step on its own), so the tokens of a state
+    of k steps are exactly the first tokens of the whole trajectory's, whatever a tokenizer would merge across a
+    step boundary: one causal forward reads every prefix, and the output at the last token of step k is what a
+    forward of that state alone gives. Score of step k = P(v >= 2) = the head's classes 2 and 3 at that token
+    (`good_labels`; the engines read P(good) of two columns, `fold_value_head` gives them these two).
+    """
+
+    name = "lpr"
+    head = "classifier"
+    good_label = 1  # of the folded head: (P(v < 2), P(v >= 2))
+    num_labels = 4
+    good_labels: tuple[int, ...] = (2, 3)
+
+    def render(self, question: str, steps: Sequence[str]) -> str:
+        return question + "\n\n" + "".join(steps)
+
+    def encode(self, question, steps, index=None):
+        ids = list(self.tokenizer.encode(question + "\n\n"))
+        pos = []
+        for s in steps:
+            piece = self.tokenizer.encode(s, add_special_tokens=False)
+            ids += piece
+            if piece:
+                pos.append(len(ids) - 1)
+        return self._check(EncodedTrajectory(tuple(ids), tuple(pos)), steps, index, "steps with tokens")
+
+
+def fold_value_head(model, good: Sequence[int]) -> None:
+    """Replace a k-way classifier head (`model.score`) with one giving two columns, (log P(v not in good),
+    log P(v in good)): softmax of them is (P(bad), P(good)), what the engines read at column `good_label` 1. No
+    parameters are added; the head's own weights are kept inside."""
+    import torch
+
+    class Folded(torch.nn.Module):
+        def __init__(self, head, good):
+            super().__init__()
+            self.head = head
+            self.good = list(good)
+
+        def forward(self, hidden):
+            logp = self.head(hidden).float().log_softmax(-1)
+            bad = [i for i in range(logp.shape[-1]) if i not in self.good]
+            return torch.stack([logp[..., bad].logsumexp(-1), logp[..., self.good].logsumexp(-1)], dim=-1)
+
+    model.score = Folded(model.score, good)
+
+
+FORMATS: dict[str, type[PRMFormat]] = {f.name: f for f in (QwenPRMFormat, MathShepherdFormat, RLHFlowFormat,
+                                                            LPRFormat)}
 
 
 def make_format(name: str, tokenizer, step_delimiter: str = "\n\n") -> PRMFormat:

@@ -15,7 +15,7 @@ from app.config import IN_RECIPE, Config, ConfigError, format_error
 DTYPES = {"auto": "auto", "float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "fp16": "float16", "half": "float16"}
 
-PRMFormatName = Literal["qwen", "math-shepherd", "rlhflow", "toy-checker"]
+PRMFormatName = Literal["qwen", "math-shepherd", "rlhflow", "toy-checker", "lpr"]
 
 
 def canonical_dtype(dtype: str) -> str:

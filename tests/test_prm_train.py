@@ -201,3 +201,76 @@ def test_sft_records_are_checked_before_ray(tmp_path, no_ray, capsys):
     assert main(["--config", "toy/sft", f"data={data}", f"output={tmp_path / 'out'}"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and str(data) in err and "line 2" in err and "'completion'" in err, err
+
+
+# --- LPR's value model (format lpr): layout, loss, score ------------------------------------------------------------
+
+STATE = {"question": "What is 1 + 2 + 3?", "steps": ["(1 + 2) + 3 = 3 + 3.\n\n", "3 + 3 = 6.\n\n"], "value": 2}
+
+
+def test_lpr_layout_reads_each_prefix_at_its_last_token():
+    """A state's tokens are the first tokens of any trajectory that extends it, and the score position of step k
+    is the last token of step k: one causal forward scores every prefix as that prefix alone would be."""
+    from actors.prm_formats import LPRFormat, PRMInputError
+    from app.toy.tokenizer import build_tokenizer
+
+    tok = build_tokenizer()
+    fmt = LPRFormat(tok)
+    full = fmt.encode(RECORD["question"], RECORD["steps"])
+    assert len(full.positions) == 3 and full.positions[-1] == len(full.input_ids) - 1
+    for k in (1, 2):
+        part = fmt.encode(RECORD["question"], RECORD["steps"][:k])
+        assert full.input_ids[: len(part.input_ids)] == part.input_ids
+        assert full.positions[k - 1] == len(part.input_ids) - 1
+    assert tok.decode(list(full.input_ids)).endswith("What is 1 + 2 + 3?\n\n(1 + 2) + 3 = 3 + 3.\n\n3 + 3 = 6.\n\n"
+                                                    "The answer is \\boxed{6}.")
+    with pytest.raises(PRMInputError, match="trajectory 4"):
+        fmt.encode("q", ["a\n\n", ""], index=4)  # an empty step has no token to read
+
+
+def test_lpr_training_is_cross_entropy_on_the_value_at_the_last_token():
+    from actors.engines.qwen2_prm import Qwen2ForProcessRewardModel
+    from actors.prm_formats import fold_value_head
+    from app.toy.models import prm_config
+    from app.toy.tokenizer import build_tokenizer
+    from train.prm import value_loss
+
+    tok = build_tokenizer()
+    task = PRMTask(PRMTrainConfig(data="unused.jsonl", format="lpr"))
+    bad = [dict(STATE, value=4), dict(STATE, value=None), {k: v for k, v in STATE.items() if k != "value"}]
+    examples, dropped = task.encode_records([STATE, dict(STATE, steps=RECORD["steps"], value=0)] + bad, tok)
+    assert dropped == 3 and len(examples) == 2
+    ex = examples[0]
+    assert ex["positions"] == [len(ex["input_ids"]) - 1] and ex["labels"] == [2.0] and ex["hard"] == [1]
+    batch = task.collate(examples, tok)
+    conf = prm_config(tok, "tiny")
+    conf.num_labels = 4
+    torch.manual_seed(0)
+    model = Qwen2ForProcessRewardModel(conf).eval()
+    loss = task.loss(model, dict(batch))
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    manual = sum(-logits[r, e["positions"][0]].log_softmax(-1)[int(e["labels"][0])] for r, e in enumerate(examples)) / 2
+    assert loss.item() == pytest.approx(manual.item(), rel=1e-5) == value_loss(model, batch).item()
+    (p_state,), (p_full,) = task.scores(model, tok, examples)
+    probs = logits[0, ex["positions"][0]].softmax(-1)
+    assert p_state == pytest.approx(probs[2:].sum().item(), rel=1e-5)           # P(v >= 2)
+    # the actor's engine reads P(good) from two columns: the folded head gives exactly P(v >= 2)
+    fold_value_head(model, (2, 3))
+    hidden = model.model(input_ids=batch["input_ids"][:1]).last_hidden_state[0, ex["positions"][0]]
+    assert model.score(hidden).softmax(-1)[1].item() == pytest.approx(p_state, rel=1e-5)
+
+
+def test_lpr_data_is_checked_before_ray(tmp_path, no_ray, capsys):
+    import json
+
+    from jobs.train import main
+
+    data = tmp_path / "states.jsonl"
+    data.write_text(json.dumps(STATE) + "\n" + json.dumps(dict(STATE, value=5)) + "\n")
+    args = ["--config", "toy/prm", "format=lpr", f"data={data}", "eval_data=null", f"output={tmp_path / 'out'}"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and str(data) in err and "line 2" in err and "'value'" in err, err
+    data.write_text(json.dumps(STATE) + "\n")
+    with pytest.raises(RayStarted):
+        main(args)

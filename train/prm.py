@@ -1,6 +1,7 @@
-"""PRM training on Ray Train + DeepSpeed, from Monte-Carlo step labels (`train.synthesize.mc_labels`).
+"""PRM training on Ray Train + DeepSpeed, from Monte-Carlo step labels (`train.synthesize.mc_labels`, OmegaPRM's
+`train.synthesize.omega`) or LPR's valued states (`train.synthesize.states`).
 
-Two formats, each laid out exactly as `actors.prm` lays it out at inference (the same format classes encode
+Three formats, each laid out exactly as `actors.prm` lays it out at inference (the same format classes encode
 the training text, so training and scoring can never drift apart):
 
 - `qwen` (ponder's own PRM, the Qwen2.5-Math-PRM layout): `actors.engines.qwen2_prm.Qwen2ForProcessRewardModel`, a
@@ -12,10 +13,15 @@ the training text, so training and scoring can never drift apart):
 - `math-shepherd`: a causal LM; at each step tag ("ки") the logits of '+' and '-' are read AT the tag position
   (where inference reads them; OpenR's training script is one position off: docs/algorithms.md), and trained with
   cross-entropy against (p, 1 - p) over the pair.
+- `lpr` (LPR's value model): ponder's Qwen2 PRM class with a 4-way head (`num_labels` 4), read at the last token
+  of question + state (`actors.prm_formats.LPRFormat`); cross-entropy against the state's value v (how many of 3
+  completions ended right, 0..3). At inference a step's score is P(v >= 2) of the prefix ending there.
 
-Data: JSONL, one record per sampled trajectory: `question`, `steps` (as the policy wrote them, each ending in the
-step delimiter but the last), `soft` and `hard` (one label per step). Records whose steps cannot be laid out
-(a step containing the tag) are dropped with a count.
+Data: JSONL. `qwen` / `math-shepherd`: one record per trajectory: `question`, `steps` (as the policy wrote them,
+each ending in the step delimiter but the last), `soft` and `hard` (one label per step; null for a step without a
+label, as OmegaPRM leaves the steps no search ended at: no loss there). `lpr`: one record per state or full
+trajectory: `question`, `steps`, `value`. Records whose steps cannot be laid out (a step containing the tag) are
+dropped with a count.
 
 `token_labels` (qwen, toy questions only) adds a second loss, with that weight, on every token inside a step:
 1 while the text can still become a right step, 0 from the character where the toy checker finds the slip
@@ -41,13 +47,14 @@ from train.sft import check_records, read_jsonl
 
 class PRMTrainConfig(Config):
     job: Literal["prm"] = "prm"
-    format: Literal["qwen", "math-shepherd"] = "qwen"
+    format: Literal["qwen", "math-shepherd", "lpr"] = "qwen"
     model: str = Field("new:toy-tiny", description="new:toy-SIZE, a PRM checkpoint (qwen) or a causal LM (math-shepherd)")
     init_from: str | None = Field(None, description="qwen: start the PRM body from this causal LM (path or toy:policy)")
     extra_layers: int = Field(0, ge=0, description="with init_from: new layers on top of the LM's body, starting as "
                               "the identity")
-    data: str = Field(..., description="MC-label JSONL (train.synthesize.mc_labels)")
-    eval_data: str | None = Field(None, description="held-out MC-label JSONL for the per-epoch step AUC")
+    data: str = Field(..., description="MC-label JSONL (train.synthesize.mc_labels / omega); lpr: states JSONL "
+                      "(train.synthesize.states)")
+    eval_data: str | None = Field(None, description="held-out data of the same kind for the per-epoch step AUC")
     labels: Literal["soft", "hard"] = "soft"
     token_labels: float = Field(0.0, ge=0, description="qwen, toy questions only: weight of a second loss on every "
                                 "token of the steps, labelled by the toy checker (1 while the text can still become "
@@ -120,12 +127,18 @@ class PRMTask(TrainTask):
             return model
         from actors.engines.qwen2_prm import Qwen2ForProcessRewardModel
 
+        labels = LPR_VALUES if cfg.format == "lpr" else 2
         if cfg.init_from:
-            return prm_from_causal_lm(resolve_model(cfg.init_from), self.build_tokenizer(), cfg.extra_layers)
+            return prm_from_causal_lm(resolve_model(cfg.init_from), self.build_tokenizer(), cfg.extra_layers, labels)
         if cfg.model.startswith("new:toy-"):
             from app.toy.models import prm_config
 
-            return Qwen2ForProcessRewardModel(prm_config(self.build_tokenizer(), cfg.model[len("new:toy-"):]))
+            conf = prm_config(self.build_tokenizer(), cfg.model[len("new:toy-"):])
+            conf.num_labels = labels
+            return Qwen2ForProcessRewardModel(conf)
+        if labels != 2:  # a 2-label PRM checkpoint starts an LPR value model: its head's last layer starts anew
+            return Qwen2ForProcessRewardModel.from_pretrained(resolve_model(cfg.model), dtype=torch.float32,
+                                                              num_labels=labels, ignore_mismatched_sizes=True)
         return Qwen2ForProcessRewardModel.from_pretrained(resolve_model(cfg.model), dtype=torch.float32)
 
     def encode_records(self, records: list[dict], tokenizer) -> tuple[list[dict], int]:
@@ -136,8 +149,14 @@ class PRMTask(TrainTask):
         out, dropped = [], 0
         for r in records:
             steps = r["steps"]
-            labels = r[key]
-            if not steps or len(labels) != len(steps):
+            if self.cfg.format == "lpr":  # one label, the state's value, at its last token
+                v = r.get("value")
+                labels = [v] if isinstance(v, int) and 0 <= v < LPR_VALUES else []
+                hard, soft = [int(x >= 2) for x in labels], [x / (LPR_VALUES - 1) for x in labels]
+            else:
+                labels = r[key]
+                hard, soft = r.get("hard", labels), r.get("soft", labels)
+            if not steps or not labels or (self.cfg.format != "lpr" and len(labels) != len(steps)):
                 dropped += 1
                 continue
             try:
@@ -148,9 +167,9 @@ class PRMTask(TrainTask):
             if len(enc.input_ids) > self.cfg.max_length:
                 dropped += 1
                 continue
-            ex = {"input_ids": list(enc.input_ids), "positions": list(enc.positions),
-                  "labels": [float(x) for x in labels], "hard": [int(x) for x in r.get("hard", labels)],
-                  "soft": [float(x) for x in r.get("soft", labels)]}
+            positions = list(enc.positions[-1:]) if self.cfg.format == "lpr" else list(enc.positions)
+            ex = {"input_ids": list(enc.input_ids), "positions": positions, "labels": _labels(labels, float),
+                  "hard": _labels(hard, int), "soft": _labels(soft, float)}
             if self.cfg.token_labels > 0:
                 ex["token_positions"], ex["token_labels"] = token_labels(fmt, r["question"], steps, enc)
             out.append(ex)
@@ -191,6 +210,8 @@ class PRMTask(TrainTask):
             if tokens is None:
                 return out.loss
             return out.loss + self.cfg.token_labels * soft_label_loss(out.logits, tokens)
+        if self.cfg.format == "lpr":
+            return value_loss(model, batch)
         return math_shepherd_loss(model, batch, self._label_ids)
 
     @property
@@ -213,6 +234,8 @@ class PRMTask(TrainTask):
                     at = logits[r, e["positions"]].float()
                     if self.cfg.format == "qwen":
                         out.append(at.softmax(-1)[:, 1].tolist())
+                    elif self.cfg.format == "lpr":  # P(v >= 2), as the PRM actor scores a step
+                        out.append(at.softmax(-1)[:, 2:].sum(-1).tolist())
                     else:
                         out.append(at[:, list(self._label_ids)].softmax(-1)[:, 0].tolist())
         return out
@@ -226,7 +249,7 @@ class PRMTask(TrainTask):
         return step_auc(self.scores(model, tokenizer, examples), examples)
 
 
-def prm_from_causal_lm(path: str, tokenizer, extra_layers: int = 0):
+def prm_from_causal_lm(path: str, tokenizer, extra_layers: int = 0, num_labels: int = 2):
     """A Qwen-layout PRM whose body is the body of the causal LM at `path` (Qwen2 or Llama), head new.
 
     A Llama body maps onto Qwen2's parameter for parameter (same names, RMSNorm, RoPE, SwiGLU); Qwen2 adds
@@ -251,7 +274,7 @@ def prm_from_causal_lm(path: str, tokenizer, extra_layers: int = 0):
     kw = {k: getattr(src, k) for k in keys if getattr(src, k, None) is not None}
     n_src = int(kw["num_hidden_layers"])
     kw["num_hidden_layers"] = n_src + int(extra_layers)
-    conf = Qwen2Config(**kw, num_labels=2, tie_word_embeddings=False, use_sliding_window=False)
+    conf = Qwen2Config(**kw, num_labels=num_labels, tie_word_embeddings=False, use_sliding_window=False)
     conf.architectures = ["Qwen2ForProcessRewardModel"]
     conf.step_tag_id = tokenizer.convert_tokens_to_ids("<extra_0>")
     model = Qwen2ForProcessRewardModel(conf)
@@ -315,10 +338,31 @@ def token_labels(fmt, question: str, steps: Sequence[str], enc) -> tuple[list[in
 
 
 def step_auc(scores: list[list[float]], examples: list[dict]) -> dict:
-    flat = [s for row in scores for s in row]
-    hard = [y for e in examples for y in e["hard"]]
-    soft = [int(p > 0.5) for e in examples for p in e["soft"]]
-    return {"eval_auc": auc(flat, hard), "eval_auc_soft": auc(flat, soft), "eval_steps": len(flat)}
+    """AUC of the step scores against the hard labels and against soft > 0.5 (steps without a label left out)."""
+    rows = [(s, y, p) for row, e in zip(scores, examples) for s, y, p in zip(row, e["hard"], e["soft"]) if y >= 0]
+    flat = [s for s, _, _ in rows]
+    return {"eval_auc": auc(flat, [y for _, y, _ in rows]), "eval_auc_soft": auc(flat, [int(p > 0.5) for _, _, p in rows]),
+            "eval_steps": len(flat)}
+
+
+def _labels(values, kind) -> list:
+    """Labels as numbers, -1 where a step has none (null: no loss there, left out of the AUC)."""
+    return [kind(-1) if x is None else kind(x) for x in values]
+
+
+LPR_VALUES = 4  # LPR: v = 0..3 right completions of 3
+
+
+def value_loss(model, batch):
+    """LPR: cross-entropy of the 4-way head at each state's last token against its value v."""
+    import torch.nn.functional as F
+
+    labels = batch["step_labels"]
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    mask = labels >= 0
+    if not mask.any():
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits[mask].float(), labels[mask].long())
 
 
 def math_shepherd_loss(model, batch, label_ids: tuple[int, int]):
@@ -343,10 +387,15 @@ def check(cfg: PRMTrainConfig) -> None:
     for p in (cfg.data, cfg.eval_data):
         if p and not Path(p).is_file():
             raise FileNotFoundError(f"prm data not found: {p}")
-    fields = {"question": str, "steps": list, cfg.labels: list}
-    for p in (cfg.data, cfg.eval_data):
-        if p:
-            check_records(p, fields, f" (labels: {cfg.labels} trains on it)")
+    if cfg.format == "lpr":
+        for p in (cfg.data, cfg.eval_data):
+            if p:
+                _check_values(p)
+    else:
+        fields = {"question": str, "steps": list, cfg.labels: list}
+        for p in (cfg.data, cfg.eval_data):
+            if p:
+                check_records(p, fields, f" (labels: {cfg.labels} trains on it)")
     if cfg.token_labels > 0:
         from app.toy.checker import question_terms
 
@@ -364,11 +413,17 @@ def check(cfg: PRMTrainConfig) -> None:
             check_model(m)
 
 
+def _check_values(path: str) -> None:
+    """lpr data: every record has question, steps and an int value in 0..3 (one line naming file, line, key)."""
+    read_jsonl(path, {"question": str, "steps": list, "value": int}, choices={"value": tuple(range(LPR_VALUES))},
+               why=" (format lpr reads states records: train.synthesize.states)")
+
+
 def train(cfg: PRMTrainConfig):
     """Train the PRM; returns (Ray Train result, path of the exported model)."""
     check(cfg)
     model_class = None
-    if cfg.format == "qwen":
+    if cfg.format in ("qwen", "lpr"):
         from actors.engines.qwen2_prm import Qwen2ForProcessRewardModel
 
         model_class = Qwen2ForProcessRewardModel

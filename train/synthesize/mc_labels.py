@@ -16,7 +16,8 @@ check a sum, which Monte-Carlo completions would take hours to label on a laptop
 Execution: the policy runs as a replica pool (`actors.policy.start_policy_pool`); each problem is one Ray task
 (`num_cpus=0`: it only waits on the pool) that sends its requests to `pool.client()` in two calls (the samples,
 then all prefixes at once, so the engines see big batches); the driver keeps at most `max_in_flight` tasks in
-flight (`app.fanout.windowed`) and shows a progress bar.
+flight and shows a progress bar; `num_shards` / `shard` split the problems between jobs (the bookkeeping every
+synthesis job shares: `train.synthesize.resumable`).
 
 Output: JSONL, append-only, one record per trajectory, all records of a problem written together::
 
@@ -24,27 +25,26 @@ Output: JSONL, append-only, one record per trajectory, all records of a problem 
      "k", "correct", "finish_reason", "exact": [...] (toy problems: the true step correctness)}
 
 `steps` are as the policy wrote them (each ending in the step delimiter but the last): what `train.prm` and the
-PRM actor lay out. Resumable: problems already in the output are skipped; a torn last line is cut off.
+PRM actor lay out. Resumable: a problem is done once its id is in `OUTPUT.done` and all its `n_samples` records are
+in OUTPUT (a file from before done files: the records alone decide); a torn last line is cut off.
 """
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 import re
 import time
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Literal, Sequence
 
 from pydantic import Field, model_validator
 
-from app.config import Config, ConfigError
-from app.fanout import windowed
 from app.grading import grade
 from app.pool_config import PoolConfig
+from train.synthesize.resumable import (ShardConfig, exact_checker, load_problems, make_prompt, pending,
+                                        policy_pool, seed_of, write_records)
+from train.synthesize.resumable import read_done as resumable_read_done
 
 
-class MCLabelConfig(Config):
+class MCLabelConfig(ShardConfig):
     policy: PoolConfig = Field(default_factory=lambda: PoolConfig(engine="hf", model="toy:policy"))
     problems: str = Field("toy:train", description="toy:train, toy:test, or a load_problems source")
     n_per_level: int = Field(50, ge=1, description="toy sources: problems per level")
@@ -75,8 +75,6 @@ class MCLabelConfig(Config):
         return self
 
 
-def _seed(*parts: Any) -> int:
-    return int.from_bytes(hashlib.sha1(":".join(map(str, parts)).encode()).digest()[:4], "big") & 0x7FFFFFFF
 
 
 def has_final_answer(text: str) -> bool:
@@ -87,14 +85,6 @@ def has_final_answer(text: str) -> bool:
     return last_boxed(text) is not None or bool(re.search(r"[Tt]he (?:final )?answer is\s*\S", text))
 
 
-def make_prompt(problem: dict, style: str) -> str:
-    if style == "toy":
-        from app.toy.world import toy_prompt
-
-        return toy_prompt(problem["question"])
-    return problem["question"] + "\n\n"
-
-
 def label_problem(client, problem: dict, c: MCLabelConfig) -> list[dict]:
     """Sample trajectories for one problem and label every step prefix. Runs inside a Ray task."""
     from app.contracts import GenerationRequest
@@ -102,7 +92,7 @@ def label_problem(client, problem: dict, c: MCLabelConfig) -> list[dict]:
 
     prompt = make_prompt(problem, c.prompt)
     gold = problem["answer"]
-    base = _seed(c.seed, problem["id"])
+    base = seed_of(c.seed, problem["id"])
     first = client.generate([GenerationRequest(prompt, n=c.samples, max_tokens=c.max_tokens,
                                                temperature=c.temperature, top_p=c.top_p, seed=base)])[0]
     trajs = [split_steps(comp.text, c.step_delimiter) for comp in first]
@@ -121,10 +111,10 @@ def label_problem(client, problem: dict, c: MCLabelConfig) -> list[dict]:
         labels = keys  # _needed returns the finished table
     else:
         reqs = [GenerationRequest(prompt + t, n=c.k, max_tokens=c.max_tokens, temperature=c.temperature,
-                                  top_p=c.top_p, seed=_seed(base, t)) for t in keys]
+                                  top_p=c.top_p, seed=seed_of(base, t)) for t in keys]
         outs = client.generate(reqs) if reqs else []
         labels = {t: sum(grade(t + o.text, gold) for o in group) / c.k for t, group in zip(keys, outs)}
-    exact_fn = _exact_checker(problem)
+    exact_fn = exact_checker(problem)
     records = []
     for j, (comp, steps) in enumerate(zip(first, trajs)):
         soft, zero = [], False
@@ -157,7 +147,7 @@ def _record(problem: dict, sample: int, n_samples: int, comp, steps: list[str], 
 
 def _oracle_records(problem: dict, first: list, trajs: list[list[str]], c: MCLabelConfig) -> list[dict]:
     """k=0: each distinct trajectory once, soft = hard = the toy checker's exact step labels."""
-    exact_fn = _exact_checker(problem)
+    exact_fn = exact_checker(problem)
     seen: set[str] = set()
     keep = []
     for comp, steps in zip(first, trajs):
@@ -190,7 +180,7 @@ def _needed(keys, trajs, client, c, prompt, gold, base) -> dict:
             break
         if todo:
             reqs = [GenerationRequest(prompt + t, n=c.k, max_tokens=c.max_tokens, temperature=c.temperature,
-                                      top_p=c.top_p, seed=_seed(base, t)) for t in todo]
+                                      top_p=c.top_p, seed=seed_of(base, t)) for t in todo]
             for t, group in zip(todo, client.generate(reqs)):
                 table[t] = sum(grade(t + o.text, gold) for o in group) / c.k
         for j, steps in enumerate(trajs):
@@ -202,94 +192,38 @@ def _needed(keys, trajs, client, c, prompt, gold, base) -> dict:
     return table
 
 
-def _exact_checker(problem: dict):
-    if not str(problem.get("id", "")).startswith("toy-"):
-        return None
-    from app.toy.checker import exact_step_labels
-
-    return lambda steps: exact_step_labels(problem["question"], steps)
-
-
 def load_problem_dicts(c: MCLabelConfig) -> list[dict]:
-    if c.problems in ("toy:train", "toy:test"):
-        from app.toy.world import toy_problems
+    return load_problems(c.problems, c.n_per_level, c.levels, c.offset, c.limit, c.seed)
 
-        probs = toy_problems(c.problems, n_per_level=c.offset + c.n_per_level, levels=c.levels, seed=c.seed)
-        keep = []
-        for level in c.levels:
-            mine = [p for p in probs if p.level == level]
-            keep += mine[c.offset:]
-        probs = keep
-    else:
-        from app.datasets import load_problems
 
-        probs = load_problems(c.problems)
-        if c.limit:
-            probs = probs[: c.limit]
-    return [dict(id=p.id, question=p.question, answer=str(p.answer), level=p.level) for p in probs]
+def _complete(records: list[dict]) -> bool:
+    """All of a problem's trajectories are written (each record carries how many there are)."""
+    return len(records) == records[0].get("n_samples", len(records))
 
 
 def read_done(path: Path) -> set[str]:
-    """Problem ids already fully written. A killed run can leave a torn last line or a problem with only some
-    of its records: those are dropped (the file is rewritten once, atomically) and the problem is redone."""
-    if not path.exists():
-        return set()
-    data = path.read_bytes()
-    lines, by_problem = [], {}
-    for line in data.splitlines(keepends=True):
-        if not line.endswith(b"\n"):
-            break
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            break
-        lines.append((rec["problem_id"], line))
-        by_problem.setdefault(rec["problem_id"], []).append(rec)
-    done = {pid for pid, recs in by_problem.items() if len(recs) == recs[0].get("n_samples", len(recs))}
-    kept = b"".join(line for pid, line in lines if pid in done)
-    if kept != data:
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_bytes(kept)
-        os.replace(tmp, path)
-    return done
+    """Problem ids already fully written (`resumable.read_done`). A killed run can leave a torn last line or a
+    problem with only some of its records: those are dropped (the files are rewritten once, atomically) and the
+    problem is redone."""
+    return resumable_read_done(path, _complete)
 
 
 def run(cfg: MCLabelConfig, pool=None) -> dict:
     """Label the problems of `cfg` into `cfg.output`. Starts (and stops) a policy pool unless one is given."""
     import ray
-    from tqdm import tqdm
 
-    out = Path(cfg.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    done = read_done(out)
-    problems = [p for p in load_problem_dicts(cfg) if p["id"] not in done]
+    problems, done = pending(load_problem_dicts(cfg), cfg.output, cfg, _complete)
     stats = dict(problems=len(problems), skipped=len(done), trajectories=0, steps=0, seconds=0.0)
     if not problems:
         return stats
-    own = pool is None
-    if own:
-        from actors.policy import start_policy_pool
-
-        pool = start_policy_pool(cfg.policy)
     t0 = time.time()
-    try:
+    with policy_pool(cfg.policy, pool) as pool:
         client = pool.client()
         task = ray.remote(num_cpus=0, max_retries=2)(label_problem)
-        bar = tqdm(total=len(problems), desc="mc labels", disable=not cfg.progress, dynamic_ncols=True, mininterval=2.0)
-        with out.open("a") as f:
-            for _, records, error in windowed(problems, lambda p: task.remote(client, p, cfg), cfg.max_in_flight):
-                if error is not None:
-                    raise error
-                f.write("".join(json.dumps(r) + "\n" for r in records))
-                f.flush()
-                os.fsync(f.fileno())
-                stats["trajectories"] += len(records)
-                stats["steps"] += sum(len(r["steps"]) for r in records)
-                bar.update(1)
-        bar.close()
-    finally:
-        if own:
-            pool.shutdown()
+        for _, records in write_records(cfg.output, problems, lambda p: task.remote(client, p, cfg),
+                                        cfg.max_in_flight, "mc labels", cfg.progress):
+            stats["trajectories"] += len(records)
+            stats["steps"] += sum(len(r["steps"]) for r in records)
     stats["seconds"] = time.time() - t0
     return stats
 

@@ -24,29 +24,28 @@ Record (JSONL, one pair per line)::
 
 `eos` is true for whole responses (outcome, prm) and false for steps: what `train.dpo` appends.
 
-Execution as `mc_labels`: one Ray task per problem (`num_cpus=0`, it waits on the pools), at most `max_in_flight`
-in flight (`app.fanout.windowed`), a progress bar; `num_shards` / `shard` split the problems between jobs (each
-writes its own output). Resumable: the pairs of a problem are appended and fsynced, then its id goes into
-`OUTPUT.done` (with its pair count; a problem may give none); a restart skips the done problems and drops the
+Execution as every synthesis job (`train.synthesize.resumable`): one Ray task per problem (`num_cpus=0`, it waits
+on the pools), at most `max_in_flight` in flight, a progress bar; `num_shards` / `shard` split the problems between
+jobs (each writes its own output). Resumable: the pairs of a problem are appended and fsynced, then its id goes
+into `OUTPUT.done` (with its pair count; a problem may give none); a restart skips the done problems and drops the
 pairs of any problem that is not in the done file (a kill between the two writes) and a torn last line.
 """
 from __future__ import annotations
 
-import json
-import os
 import time
 from pathlib import Path
 from typing import Literal, Sequence
 
 from pydantic import Field, model_validator
 
-from app.config import Config
 from app.grading import grade
 from app.pool_config import PoolConfig, PRMPoolConfig
-from train.synthesize.mc_labels import _seed, make_prompt
+from train.synthesize.resumable import (ShardConfig, load_problems, make_prompt, pending, policy_pool, seed_of,
+                                        write_records)
+from train.synthesize.resumable import read_done as resumable_read_done
 
 
-class PairsConfig(Config):
+class PairsConfig(ShardConfig):
     """A `job: pairs` recipe (`ponder synthesize pairs --config RECIPE`). Defaults: LPR's and Step-DPO's."""
 
     job: Literal["pairs"] = "pairs"
@@ -81,8 +80,6 @@ class PairsConfig(Config):
     continuations: int = Field(20, ge=1, description="step: continuations of the prefix before the bad step "
                                "(Step-DPO: 20)")
     max_in_flight: int = Field(8, ge=1)
-    num_shards: int = Field(1, ge=1, description="split the problems between this many jobs")
-    shard: int = Field(0, ge=0, description="this job's shard (problems shard, shard + num_shards, ...)")
     seed: int = 0
     output: str = "runs/pairs.jsonl"
     progress: bool = True
@@ -95,8 +92,6 @@ class PairsConfig(Config):
             raise ValueError("kinds: step pairs need mc_data: the MC step labels (train.synthesize.mc_labels)")
         if self.problems == "mc" and not self.mc_data:
             raise ValueError("problems: mc takes the problems of mc_data, which is not set")
-        if self.shard >= self.num_shards:
-            raise ValueError(f"shard: {self.shard} is not below num_shards {self.num_shards}")
         return self
 
 
@@ -147,13 +142,14 @@ def prm_pairs(problem: dict, prompt: str, trajs: Sequence[tuple[str, bool, str]]
 
 
 def first_bad_step(rec: dict, label: str = "hard") -> int | None:
-    """Index of the first step whose label is 0 in a wrong trajectory's MC record; None if there is none."""
+    """Index of the first step whose label is 0 in a wrong trajectory's MC record; None if there is none. A step
+    labelled null (OmegaPRM's output: a step no search ended at) is skipped."""
     if rec.get("correct"):
         return None
     labels = rec.get(label)
     if labels is None:
         raise ValueError(f"an MC record of {rec.get('problem_id')} has no {label!r} labels")
-    return next((i for i, y in enumerate(labels) if not y), None)
+    return next((i for i, y in enumerate(labels) if y is not None and not y), None)
 
 
 def step_candidates(records: Sequence[dict], label: str = "hard") -> list[tuple[list[str], str, int]]:
@@ -195,7 +191,7 @@ def pair_problem(policy, prm, problem: dict, mc_records: list[dict], c: PairsCon
     from app.search.tree import split_steps
 
     prompt = make_prompt(problem, c.prompt)
-    base = _seed(c.seed, problem["id"])
+    base = seed_of(c.seed, problem["id"])
     out: list[dict] = []
     if {"outcome", "prm"} & set(c.kinds):
         comps = policy.generate([GenerationRequest(prompt, n=c.samples, max_tokens=c.max_tokens,
@@ -210,7 +206,7 @@ def pair_problem(policy, prm, problem: dict, mc_records: list[dict], c: PairsCon
     if "step" in c.kinds and mc_records:
         cands = step_candidates(mc_records, c.bad_step_label)
         reqs = [GenerationRequest(prompt + "".join(pre), n=c.continuations, max_tokens=c.max_tokens,
-                                  temperature=c.temperature, top_p=c.top_p, seed=_seed(base, "".join(pre)))
+                                  temperature=c.temperature, top_p=c.top_p, seed=seed_of(base, "".join(pre)))
                 for pre, _, _ in cands]
         outs = policy.generate(reqs) if reqs else []
         out += step_pairs(problem, prompt, cands, [[x.text for x in group] for group in outs], c.step_delimiter)
@@ -230,114 +226,47 @@ def read_mc(path: str | Path) -> dict[str, list[dict]]:
 
 
 def load_problem_dicts(c: PairsConfig, mc: dict[str, list[dict]]) -> list[dict]:
+    """All the recipe's problems (every shard: `resumable.pending` takes this job's)."""
     if c.problems == "mc":
-        probs = [dict(id=pid, question=rs[0]["question"], answer=str(rs[0]["answer"]), level=rs[0].get("level"))
-                 for pid, rs in mc.items()]
-    else:
-        from train.synthesize.mc_labels import MCLabelConfig
-        from train.synthesize.mc_labels import load_problem_dicts as mc_problems
-
-        probs = mc_problems(MCLabelConfig(problems=c.problems, n_per_level=c.n_per_level, levels=c.levels,
-                                          offset=c.offset, limit=c.limit, seed=c.seed))
-    return probs[c.shard::c.num_shards]
-
-
-def done_path(output: str | Path) -> Path:
-    return Path(str(output) + ".done")
+        return [dict(id=pid, question=rs[0]["question"], answer=str(rs[0]["answer"]), level=rs[0].get("level"))
+                for pid, rs in mc.items()]
+    return load_problems(c.problems, c.n_per_level, c.levels, c.offset, c.limit, c.seed)
 
 
 def read_done(path: str | Path) -> set[str]:
     """Problem ids whose pairs are all written. Pairs of other problems (a kill between the pairs and the done
-    line) and torn last lines are dropped, each file rewritten once, atomically."""
-    path, marks = Path(path), done_path(path)
-    done: set[str] = set()
-    if marks.exists():
-        data = marks.read_bytes()
-        good = b""
-        for line in data.splitlines(keepends=True):
-            try:
-                if not line.endswith(b"\n"):
-                    raise ValueError
-                done.add(str(json.loads(line)["problem_id"]))
-            except (ValueError, KeyError):
-                break
-            good += line
-        if good != data:
-            _replace(marks, good)
-    if path.exists():
-        data = path.read_bytes()
-        kept = []
-        for line in data.splitlines(keepends=True):
-            try:
-                if not line.endswith(b"\n"):
-                    raise ValueError
-                pid = str(json.loads(line)["problem_id"])
-            except (ValueError, KeyError):
-                break
-            if pid in done:
-                kept.append(line)
-        if b"".join(kept) != data:
-            _replace(path, b"".join(kept))
-    return done
-
-
-def _replace(path: Path, data: bytes) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    line) and torn last lines are dropped, each file rewritten once, atomically (`resumable.read_done`)."""
+    return resumable_read_done(path)
 
 
 def run(cfg: PairsConfig, pool=None, prm_pool=None) -> dict:
     """Write the pairs of `cfg` to `cfg.output`; starts (and stops) the pools it needs unless they are given."""
     import ray
-    from tqdm import tqdm
 
-    from app.fanout import windowed
-
-    out = Path(cfg.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
     mc = read_mc(cfg.mc_data) if cfg.mc_data else {}
-    done = read_done(out)
-    problems = [p for p in load_problem_dicts(cfg, mc) if str(p["id"]) not in done]
+    problems, done = pending(load_problem_dicts(cfg, mc), cfg.output, cfg)
     stats: dict = dict(problems=len(problems), skipped=len(done), pairs=0, by_kind={}, seconds=0.0)
     if not problems:
         return stats
-    own, own_prm = pool is None, prm_pool is None and "prm" in cfg.kinds
+    own_prm = prm_pool is None and "prm" in cfg.kinds
     t0 = time.time()
-    try:
-        if own:
-            from actors.policy import start_policy_pool
+    with policy_pool(cfg.policy, pool) as pool:
+        try:
+            if own_prm:
+                from actors.prm import start_prm_pool
 
-            pool = start_policy_pool(cfg.policy)
-        if own_prm:
-            from actors.prm import start_prm_pool
-
-            prm_pool = start_prm_pool(cfg.prm)
-        client = pool.client()
-        prm = prm_pool.client() if prm_pool is not None else None
-        task = ray.remote(num_cpus=0, max_retries=2)(pair_problem)
-        bar = tqdm(total=len(problems), desc="pairs", disable=not cfg.progress, dynamic_ncols=True, mininterval=2.0)
-        with out.open("a") as f, done_path(out).open("a") as marks:
+                prm_pool = start_prm_pool(cfg.prm)
+            client = pool.client()
+            prm = prm_pool.client() if prm_pool is not None else None
+            task = ray.remote(num_cpus=0, max_retries=2)(pair_problem)
             submit = lambda p: task.remote(client, prm, p, mc.get(str(p["id"]), []), cfg)  # noqa: E731
-            for problem, records, error in windowed(problems, submit, cfg.max_in_flight):
-                if error is not None:
-                    raise error
-                f.write("".join(json.dumps(r) + "\n" for r in records))
-                f.flush()
-                os.fsync(f.fileno())
-                marks.write(json.dumps({"problem_id": problem["id"], "pairs": len(records)}) + "\n")
-                marks.flush()
-                os.fsync(marks.fileno())
+            for _, records in write_records(cfg.output, problems, submit, cfg.max_in_flight, "pairs", cfg.progress):
                 stats["pairs"] += len(records)
                 for r in records:
                     stats["by_kind"][r["kind"]] = stats["by_kind"].get(r["kind"], 0) + 1
-                bar.update(1)
-        bar.close()
-    finally:
-        if own and pool is not None:
-            pool.shutdown()
-        if own_prm and prm_pool is not None:
-            prm_pool.shutdown()
+        finally:
+            if own_prm and prm_pool is not None:
+                prm_pool.shutdown()
     stats["seconds"] = time.time() - t0
     return stats
 
