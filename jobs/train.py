@@ -77,37 +77,9 @@ def load_with_source(recipe: str | None, overrides: Sequence[str], trainer: str 
             check_output_path(cfg.output, "output")  # before it is made absolute: a relative one on a cluster
         except ConfigError as e:
             raise ConfigError(f"{source}: {e}") from None
+    from train.loop import absolute_paths
+
     return absolute_paths(cfg), source
-
-
-def absolute_paths(cfg):
-    """Relative file paths of the recipe, made absolute here: Ray Train workers do not run in this directory."""
-    from pathlib import Path
-
-    update = {}
-    for key in ("data", "eval_data", "output", "model", "init_from"):
-        value = getattr(cfg, key, None)
-        if not isinstance(value, str) or ":" in value or Path(value).is_absolute():
-            continue  # unset, a toy:/new: name or a Hub id with a colon, or already absolute
-        if key == "output" or Path(value).exists():
-            update[key] = str(Path(value).resolve())
-    return cfg.model_copy(update=update) if update else cfg
-
-
-def demand(cfg) -> tuple[dict, dict]:
-    """What a training job asks of the cluster: its rollout / PRM pools (LaTRO, PPO) and one bundle per Ray Train
-    worker, for `jobs.common.dry_run` (pools, extra)."""
-    from app.pool_config import PoolConfig
-
-    pools = {}
-    if cfg.job in ("latro", "ppo"):
-        pools["policy"] = (getattr(cfg, "rollout", None) or PoolConfig(engine="hf")).model_copy(
-            update={"model": cfg.model})
-    if cfg.job == "ppo":
-        pools["prm"] = cfg.prm
-    t = cfg.train
-    worker = {"CPU": float(t.cpus_per_worker), **({"GPU": 1.0} if t.use_gpu else {})}
-    return pools, {"train": [[worker]] * t.num_workers}
 
 
 @user_errors
@@ -126,6 +98,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError) as e:
         raise ConfigError(f"{source}: {e}") from None
     if args.dry_run:
+        from train.rollouts import demand
+
         pools, extra = demand(cfg)
         return dry_run(pools, extra=extra)
     init_ray()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +12,7 @@ import torch
 
 from app.search.tree import split_steps
 from app.toy.world import toy_problems, toy_prompt
+from tests.train_helpers import CrashAt, crash_then_resume, history, pickled_by_value  # noqa: F401 (a fixture)
 from train.dpo import DPOConfig, DPOTask, dpo_loss, encode_pair, response_logps
 from train.loop import TrainConfig
 
@@ -139,53 +139,20 @@ def test_config_is_validated_on_construction():
 
 # --- end to end: Ray Train, 2 workers, ZeRO-2 on CPU ------------------------------------------------------------
 
-class CrashingDPOTask(DPOTask):
+class CrashingDPOTask(CrashAt, DPOTask):
     """Raises in the `crash_at`-th loss call of a worker while the file `flag` exists: a run killed mid-training."""
-
-    def __init__(self, cfg, flag: str, crash_at: int):
-        super().__init__(cfg)
-        self.flag, self.crash_at, self.calls = flag, crash_at, 0
-
-    def loss(self, model, batch):
-        self.calls += 1
-        if self.calls == self.crash_at and Path(self.flag).exists():
-            raise RuntimeError("injected crash")
-        return super().loss(model, batch)
-
-
-@pytest.fixture
-def pickled_by_value():
-    from ray import cloudpickle
-
-    cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    yield
-    cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
-
-
-def _history(result) -> list[dict]:
-    return [json.loads(x) for x in (Path(result.checkpoint.path) / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_dpo_two_workers_zero2_margin_grows_and_a_crashed_run_resumes(ray_cluster, tmp_path, pickled_by_value):
-    from train.loop import fit, fit_and_export
-
     data = write_jsonl(tmp_path / "pairs.jsonl", toy_pairs(32))  # 64 outcome pairs: 4 steps of 2 x 8 per epoch
     run = TrainConfig(num_workers=2, zero_stage=2, micro_batch_size=8, lr=2e-4, warmup_steps=0, epochs=2,
                       checkpoint_every_steps=2, name="dpo-test", storage_path=str(tmp_path / "ray"),
                       keep_checkpoints=10, progress=False)
     cfg = DPOConfig(model="toy:policy", data=str(data), beta=0.1, kinds=["outcome"], train=run)
-    flag = tmp_path / "crash"
-    flag.touch()
-    with pytest.raises(Exception, match="injected crash"):
-        result = fit(CrashingDPOTask(cfg, str(flag), crash_at=3), run, desc="dpo")
-        if result.error:
-            raise result.error
-    flag.unlink()
-    ckpts = sorted(p.name for p in (tmp_path / "ray" / "dpo-test").iterdir() if p.name.startswith("step_"))
-    assert ckpts == ["step_0000002"], ckpts  # killed in step 3, after the (mid-epoch) checkpoint of step 2
-
-    result, path = fit_and_export(CrashingDPOTask(cfg, str(flag), crash_at=3), run, "dpo")
-    rows = _history(result)
+    # killed in step 3, after the (mid-epoch) checkpoint of step 2, then resumed from it
+    result, path = crash_then_resume(lambda flag: CrashingDPOTask(cfg, flag=flag, crash_at=3), run, "dpo",
+                                     tmp_path / "crash")
+    rows = history(result)
     assert result.metrics["start_step"] == 2 and result.metrics["global_step"] == 8
     assert [r["step"] for r in rows] == list(range(1, 9))  # steps 1-2 from the checkpoint, 3-8 after the resume
     # step 1 against the reference computed from the same weights: log 2, no margin
@@ -209,7 +176,7 @@ def test_step_dpo_trains_on_steps_under_ray_train(ray_cluster, tmp_path):
     run = TrainConfig(num_workers=2, zero_stage=2, micro_batch_size=8, lr=2e-4, warmup_steps=0, epochs=3,
                       name="sdpo-test", storage_path=str(tmp_path / "ray"), progress=False, max_failures=2)
     result, _ = train(DPOConfig(job="step-dpo", model="toy:policy", data=str(data), beta=0.1, train=run))
-    rows = _history(result)
+    rows = history(result)
     assert len(rows) == 6  # 32 step pairs (the outcome pairs are skipped): 2 steps per epoch
     assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-3)
     assert rows[-1]["reward_margin"] > 0.05 and rows[-1]["loss"] < rows[0]["loss"], rows

@@ -4,16 +4,16 @@ the weights after every step: the answer's log-likelihood rises, and a run kille
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from app.contracts import Completion
-from train.latro import (LaTROConfig, LaTROTask, cut_rationale, latro_loss, latro_rewards, rloo_advantages,
-                         rollout_share)
+from tests.train_helpers import CrashAt, crash_then_resume, history, pickled_by_value  # noqa: F401 (a fixture)
+from train.latro import LaTROConfig, LaTROTask, cut_rationale, latro_loss, latro_rewards, rloo_advantages
 from train.loop import TrainConfig
+from train.rollouts import rollout_share
 
 
 def test_rloo_advantage_by_hand():
@@ -94,25 +94,27 @@ def test_bad_recipes_fail_in_one_line_naming_file_and_key(tmp_path, capsys):
     data = tmp_path / "q.jsonl"
     data.write_text(json.dumps({"question": "1+1?", "answer": "2"}) + "\n" + json.dumps({"question": "2+2?"}) + "\n")
     e = err_of({"job": "latro", "data": str(data)})
-    assert "q.jsonl line 2" in e and "answer" in e
+    assert "r.yaml" in e and "q.jsonl line 2: no key 'answer'" in e and "add it" in e
+    data.write_text(json.dumps({"answer": "2"}) + "\n")
+    e = err_of({"job": "latro", "data": str(data)})
+    assert "q.jsonl line 1: no key 'prompt' or 'question'" in e
+    data.write_text("\n" + json.dumps({"prompt": 3, "answer": "2"}) + "\n")
+    e = err_of({"job": "latro", "data": str(data)})
+    assert "q.jsonl line 2: key 'prompt' is an int, not a string" in e
+    data.write_text("{oops\n")
+    e = err_of({"job": "latro", "data": str(data)})
+    assert "q.jsonl line 1: not valid JSON" in e
     e = err_of({"job": "latro", "data": str(tmp_path / "missing.jsonl")})
-    assert "r.yaml" in e and "data" in e
+    assert "r.yaml" in e and "data: file not found" in e and "missing.jsonl" in e
 
 
 # --- end to end: Ray Train, 2 workers, ZeRO-2 on CPU, rollouts by a PolicyActor ----------------------------------
 
-class CrashingLaTROTask(LaTROTask):
+class CrashingLaTROTask(CrashAt, LaTROTask):
     """Raises in the `crash_at`-th loss call of a worker while the file `flag` exists: a run killed mid-training;
     also records, per loss call, which weights version the rollout actor served."""
 
-    def __init__(self, cfg, pool, flag: str, crash_at: int):
-        super().__init__(cfg, pool)
-        self.flag, self.crash_at, self.calls = flag, crash_at, 0
-
     def loss(self, model, batch):
-        self.calls += 1
-        if self.calls == self.crash_at and Path(self.flag).exists():
-            raise RuntimeError("injected crash")
         loss, extra = super().loss(model, batch)
         import ray
 
@@ -121,22 +123,8 @@ class CrashingLaTROTask(LaTROTask):
         return loss, extra
 
 
-@pytest.fixture
-def pickled_by_value():
-    from ray import cloudpickle
-
-    cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    yield
-    cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
-
-
-def _history(result) -> list[dict]:
-    return [json.loads(x) for x in (Path(result.checkpoint.path) / "metrics.jsonl").read_text().splitlines()]
-
-
 def test_latro_two_workers_zero2_reward_rises_and_a_crashed_run_resumes(ray_cluster, tmp_path, pickled_by_value):
-    from train.latro import start_rollout_pool
-    from train.loop import fit, fit_and_export
+    from train.rollouts import start_rollout_pool
     from train.sft import ToyData
 
     run = TrainConfig(num_workers=2, zero_stage=2, micro_batch_size=2, lr=5e-5, warmup_steps=0, epochs=2,
@@ -146,22 +134,14 @@ def test_latro_two_workers_zero2_reward_rises_and_a_crashed_run_resumes(ray_clus
     cfg = LaTROConfig(model="toy:policy", data="toy:train", toy=ToyData(n_per_level=8, levels=[2, 3]),
                       answer_template="The answer is \\boxed{{{gold}}}.", num_rationales=4,
                       max_rationale_tokens=200, answer_weight=1.0, train=run)
-    flag = tmp_path / "crash"
-    flag.touch()
     pool = start_rollout_pool(cfg, "latro-test-rollout")
     try:
-        with pytest.raises(Exception, match="injected crash"):
-            result = fit(CrashingLaTROTask(cfg, pool, str(flag), crash_at=3), run, desc="latro")
-            if result.error:
-                raise result.error
-        flag.unlink()
-        ckpts = sorted(p.name for p in (tmp_path / "ray" / "latro-test").iterdir() if p.name.startswith("step_"))
-        assert ckpts == ["step_0000002"], ckpts
         # resumed: the fresh actor gets the checkpoint's weights before the first rollout
-        result, path = fit_and_export(CrashingLaTROTask(cfg, pool, str(flag), crash_at=3), run, "latro")
+        result, path = crash_then_resume(lambda flag: CrashingLaTROTask(cfg, pool, flag=flag, crash_at=3), run,
+                                         "latro", tmp_path / "crash")
     finally:
         pool.shutdown()
-    rows = _history(result)
+    rows = history(result)
     assert result.metrics["start_step"] == 2 and [r["step"] for r in rows] == list(range(1, 7))
     # every rollout was sampled from the trainer's current weights (the version pushed after the last step)
     assert all(r["actor_version"] == r["trainer_step"] == r["step"] - 1 for r in rows), rows
@@ -184,6 +164,6 @@ def test_latro_zero3_two_workers(ray_cluster, tmp_path):
     cfg = LaTROConfig(toy=ToyData(n_per_level=8, levels=[2, 3]), answer_template="The answer is \\boxed{{{gold}}}.",
                       num_rationales=2, max_rationale_tokens=150, train=run)
     result, path = train(cfg)
-    rows = _history(result)
+    rows = history(result)
     assert [r["step"] for r in rows] == [1, 2, 3] and rows[0]["kl"] == pytest.approx(0.0, abs=1e-4)
     assert (Path(path) / "model.safetensors").exists()

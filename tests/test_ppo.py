@@ -1,15 +1,17 @@
-"""Step-level PPO: GAE and the clipped losses against hand computations; end to end on the toy policy and PRM through
-Ray Train (2 workers, ZeRO-2, CPU) with rollouts from a PolicyActor fed the weights after every step and step
-rewards from a PRM actor: the value loss falls, and a run killed after a checkpoint resumes from it."""
+"""Step-level PPO: GAE and the clipped losses against hand computations; bad recipes in one line; end to end on the
+toy policy and PRM through Ray Train (2 workers, ZeRO-2, CPU) with rollouts from a PolicyActor fed the weights
+after every step and step rewards from a PRM actor: the value loss falls, and a run killed after a checkpoint
+resumes from it; and under ZeRO-3 (the frozen reference its own DeepSpeed engine)."""
 from __future__ import annotations
 
 import json
-import sys
+import math
 from pathlib import Path
 
 import pytest
 import torch
 
+from tests.train_helpers import CrashAt, crash_then_resume, history, pickled_by_value  # noqa: F401 (a fixture)
 from train.loop import TrainConfig
 from train.ppo import PPOConfig, PPOTask, gae, policy_loss, value_loss
 
@@ -58,29 +60,40 @@ def test_config_defaults_and_bad_values():
         PPOConfig(train=dict(zero_stage=4))
 
 
-class CrashingPPOTask(PPOTask):
-    def __init__(self, cfg, pool, prm, flag: str, crash_at: int):
-        super().__init__(cfg, pool, prm)
-        self.flag, self.crash_at, self.n = flag, crash_at, 0
+def test_bad_recipes_fail_in_one_line_naming_file_and_key(tmp_path, capsys):
+    import time
 
-    def loss(self, model, batch):
-        self.n += 1
-        if self.n == self.crash_at and Path(self.flag).exists():
-            raise RuntimeError("injected crash")
-        return super().loss(model, batch)
+    import yaml
+
+    from jobs.train import main
+
+    def err_of(recipe: dict) -> str:
+        path = tmp_path / "r.yaml"
+        path.write_text(yaml.safe_dump(recipe))
+        t0 = time.perf_counter()
+        assert main(["ppo", "--config", str(path)]) != 0
+        assert time.perf_counter() - t0 < 1.0
+        lines = [x for x in capsys.readouterr().err.strip().splitlines() if x.strip()]
+        assert len(lines) == 1, lines
+        return lines[0]
+
+    data = tmp_path / "q.jsonl"
+    data.write_text(json.dumps({"question": "1+1?", "answer": "2"}) + "\n\n" + json.dumps({"answer": "4"}) + "\n")
+    e = err_of({"job": "ppo", "data": str(data)})
+    assert "r.yaml" in e and "q.jsonl line 3: no key 'question'" in e and "add it" in e
+    data.write_text(json.dumps({"question": "1+1?"}) + "\n")
+    assert "q.jsonl line 1: no key 'answer'" in err_of({"job": "ppo", "data": str(data)})
+    data.write_text("[1, 2]\n")
+    assert "q.jsonl line 1: a list, not a JSON object" in err_of({"job": "ppo", "data": str(data)})
+    e = err_of({"job": "ppo", "data": str(tmp_path / "missing.jsonl")})
+    assert "r.yaml" in e and "data: file not found" in e
 
 
-@pytest.fixture
-def pickled_by_value():
-    from ray import cloudpickle
-
-    cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    yield
-    cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+class CrashingPPOTask(CrashAt, PPOTask):
+    pass
 
 
 def test_ppo_two_workers_zero2_learns_values_and_a_crashed_run_resumes(ray_cluster, tmp_path, pickled_by_value):
-    from train.loop import fit, fit_and_export
     from train.ppo import start_pools
     from train.sft import ToyData
 
@@ -89,24 +102,62 @@ def test_ppo_two_workers_zero2_learns_values_and_a_crashed_run_resumes(ray_clust
                       keep_checkpoints=10, progress=False)
     cfg = PPOConfig(model="toy:policy", toy=ToyData(n_per_level=8, levels=[2, 3]), samples_per_question=2,
                     max_tokens=200, critic_lr_scale=50.0, train=run)  # a fresh value head: let it learn fast
-    flag = tmp_path / "crash"
-    flag.touch()
     pool, prm = start_pools(cfg, "ppo-test")
     try:
-        with pytest.raises(Exception, match="injected crash"):
-            result = fit(CrashingPPOTask(cfg, pool, prm, str(flag), crash_at=3), run, desc="ppo")
-            if result.error:
-                raise result.error
-        flag.unlink()
-        ckpts = sorted(p.name for p in (tmp_path / "ray" / "ppo-test").iterdir() if p.name.startswith("step_"))
-        assert ckpts == ["step_0000002"], ckpts
-        result, path = fit_and_export(CrashingPPOTask(cfg, pool, prm, str(flag), crash_at=3), run, "ppo")
+        result, path = crash_then_resume(lambda flag: CrashingPPOTask(cfg, pool, prm, flag=flag, crash_at=3), run,
+                                         "ppo", tmp_path / "crash")
     finally:
         prm.shutdown()
         pool.shutdown()
-    rows = [json.loads(x) for x in (Path(result.checkpoint.path) / "metrics.jsonl").read_text().splitlines()]
+    rows = history(result)
     assert result.metrics["start_step"] == 2 and [r["step"] for r in rows] == list(range(1, 7))
     assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-4) and rows[0]["clipfrac"] == 0.0  # pi = pi_ref = pi_old
     assert all(r["step_reward"] > 0 for r in rows)  # the PRM's step scores reach the rewards
     assert rows[-1]["vf_loss"] < rows[0]["vf_loss"], [r["vf_loss"] for r in rows]
     assert (Path(path) / "model.safetensors").exists() and (Path(path) / "critic" / "value_head.pt").exists()
+
+
+class RefCheckingPPOTask(PPOTask):
+    """Also reports, per loss call, how far the frozen reference's log-probs are from the policy's on the same
+    rollouts (0 before the first update) and whether the reference is a partitioned ZeRO-3 engine."""
+
+    def make_batch(self, model, batch):
+        out = super().make_batch(model, batch)
+        with torch.no_grad():
+            from train.ppo import token_logps
+
+            ref = token_logps(self._ref(input_ids=out["ids"], attention_mask=out["att"], use_cache=False).logits,
+                              out["ids"])
+        gap = ((ref - out["old_logp"]).abs() * out["mask"]).max()
+        p = next(self._ref.module.parameters()) if hasattr(self._ref, "module") else next(self._ref.parameters())
+        out["metrics"] = dict(out["metrics"], ref_gap=float(gap),
+                              ref_sharded=float(hasattr(p, "ds_id") and p.ds_tensor.numel() < p.ds_numel))
+        return out
+
+
+def test_ppo_zero3_two_workers(ray_cluster, tmp_path, pickled_by_value):
+    """ZeRO-3, 2 workers on CPU: the frozen reference is its own partitioned DeepSpeed engine whose log-probs equal
+    the starting policy's at step 1; the run completes with finite losses and rewards, the weights reach the rollout
+    actor through the consolidated state dict, and the export (actor + critic) is whole."""
+    from safetensors.torch import load_file
+
+    from app.toy import resolve_model
+    from train.ppo import train
+    from train.sft import ToyData
+
+    run = TrainConfig(num_workers=2, zero_stage=3, micro_batch_size=2, lr=2e-5, warmup_steps=0, max_steps=3,
+                      name="ppo-z3", storage_path=str(tmp_path / "ray"), progress=False)
+    cfg = PPOConfig(model="toy:policy", toy=ToyData(n_per_level=8, levels=[2, 3]), samples_per_question=2,
+                    max_tokens=150, critic_lr_scale=50.0, train=run)
+    result, path = train(cfg, task_class=RefCheckingPPOTask)
+    rows = history(result)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert rows[0]["ref_gap"] < 1e-4 and rows[0]["kl"] == pytest.approx(0.0, abs=1e-4), rows[0]
+    assert all(r["ref_sharded"] == 1.0 for r in rows), rows
+    for r in rows:
+        assert all(math.isfinite(r[k]) for k in ("loss", "pg_loss", "vf_loss", "step_reward", "kl")), r
+    assert all(r["step_reward"] > 0 for r in rows)
+    start = load_file(f"{resolve_model('toy:policy')}/model.safetensors")
+    out = load_file(str(Path(path) / "model.safetensors"))
+    assert set(out) == set(start) and all(out[k].shape == start[k].shape for k in start)
+    assert (Path(path) / "critic" / "value_head.pt").exists()

@@ -13,6 +13,7 @@ import pytest
 import jobs.search as job
 from actors.pools import Pools
 from jobs import report
+from tests.job_helpers import lines, summary_of
 from tests.scripted import ScriptedPolicy, ScriptedPool, ScriptedPRM
 
 
@@ -55,18 +56,6 @@ def write_recipe(tmp_path, method, search, n_problems=6):
     return recipe, tmp_path / ("out-" + method)
 
 
-def lines(out_dir):
-    """Every complete record line of every shard (duplicates included; a half-written line is no record)."""
-    out = []
-    for p in sorted(out_dir.glob("shard-*.jsonl")):
-        for line in p.read_text().splitlines():
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                pass
-    return out
-
-
 def test_job_runs_resumes_and_reports(ray_cluster, tmp_path, scripted_pools, capsys):
     recipe, out = write_recipe(tmp_path, "best_of_n", {"n": 4})
     assert job.main(["--config", str(recipe)]) == 0
@@ -93,8 +82,7 @@ def test_job_runs_resumes_and_reports(ray_cluster, tmp_path, scripted_pools, cap
     capsys.readouterr()
     assert report.main([str(out)]) == 0
     assert "naive" in capsys.readouterr().out
-    assert report.main([str(out), "--json"]) == 0
-    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    summary = summary_of(out, capsys)
     assert summary["problems"] == 6 and set(summary["accuracy"]["maj"]) == {"1", "2", "4"}
 
     # a different method config in the same directory is refused, not mixed in
@@ -190,12 +178,6 @@ def test_search_config_defaults_and_method_sections():
 
 
 # ------------------------------------------------------------------ every problem of the data set in the denominator
-
-
-def summary_of(out_dir, capsys) -> dict:
-    capsys.readouterr()
-    assert report.main([str(out_dir), "--json"]) == 0
-    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 
 
 def test_report_of_a_killed_run_counts_missing_problems_wrong(ray_cluster, tmp_path, scripted_pools, capsys):

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from app.config import ConfigError, load_config
+from tests.job_helpers import lines, summary_of
 from tune import frontier
 from tune.sweep import SweepRecipe, budget_key
 
@@ -29,18 +30,6 @@ def write(tmp_path: Path, body: str, name: str = "sweep.yaml") -> Path:
     path = tmp_path / name
     path.write_text(body)
     return path
-
-
-def lines(trial_dir: Path) -> list[dict]:
-    """Every complete record line of every shard (duplicates included)."""
-    out = []
-    for p in sorted(trial_dir.glob("shard-*.jsonl")):
-        for line in p.read_text().splitlines():
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                pass
-    return out
 
 
 # ---------------------------------------------------------------- validation
@@ -190,7 +179,6 @@ GRID = """  - {method: best_of_n, budgets: [1, 2, 4], search: {max_tokens: 256}}
 @pytest.mark.slow
 def test_sweep_end_to_end_through_tune(ray_cluster, tmp_path, capsys):
     from jobs import frontier as frontier_job
-    from jobs import report
     from jobs import tune as job
 
     out = tmp_path / "sweep"
@@ -205,8 +193,7 @@ def test_sweep_end_to_end_through_tune(ray_cluster, tmp_path, capsys):
         assert len(recs) == 4 and len({r["id"] for r in recs}) == 4
         assert all(set(r["selection"]) == {"naive", "weighted", "maj"} for r in recs)
     # `ponder report` reads a trial as it reads a search run
-    assert report.main([str(out / "trials" / "best_of_n-N4"), "--json"]) == 0
-    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    summary = summary_of(out / "trials" / "best_of_n-N4", capsys)
     assert summary["problems"] == 4 and summary["solved"] == 4 and set(summary["accuracy"]["weighted"]) == {"1", "2", "4"}
     # Tune's results: one report per N of the best-of-N trial, accuracy overall and per level, compute both ways
     results = [json.loads(x) for x in next((out / "tune" / "sweep").glob("best_of_n-N4*/result.json")).read_text().splitlines()]

@@ -33,7 +33,6 @@ Data: JSONL, one pair per line: `prompt`, `chosen`, `rejected` (strings), option
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Literal
 
@@ -41,9 +40,13 @@ from pydantic import Field, model_validator
 
 from app.config import Config, ConfigError
 from train.loop import TrainConfig, TrainTask, fit_and_export
-from train.sft import check_records, load_tokenizer_for
+from train.records import iter_jsonl, read_jsonl
+from train.sft import load_tokenizer_for
 
 PAIR_KINDS = ("outcome", "prm", "step")
+# what every pair needs, and the types of the keys it may have (train.records checks them)
+PAIR_FIELDS = {"prompt": str, "chosen": str, "rejected": str}
+PAIR_OPTIONAL = {"prefix": str, "eos": bool, "kind": str}
 
 
 class DPOConfig(Config):
@@ -138,9 +141,7 @@ def encode_pair(rec: dict, tokenizer) -> dict:
 
 
 def read_pairs(path: str | Path, kinds) -> list[dict]:
-    from train.sft import read_jsonl
-
-    return [r for r in read_jsonl(path) if r.get("kind") is None or r["kind"] in kinds]
+    return [r for r in read_jsonl(path, key="data") if r.get("kind") is None or r["kind"] in kinds]
 
 
 class DPOTask(TrainTask):
@@ -254,22 +255,10 @@ def check(cfg: DPOConfig) -> None:
     """What can be checked without Ray, in well under a second: the pairs file exists and every record has
     `prompt`, `chosen` and `rejected` strings (a string `prefix`, a known `kind` and a boolean `eos` where given),
     else one line naming the file, the line and the field; some pair is of the trained kinds; the model exists."""
-    path = Path(cfg.data)
-    if not path.is_file():
-        raise ConfigError(f"data: pairs file not found: {cfg.data}")
-    check_records(path, {"prompt": str, "chosen": str, "rejected": str}, " (every pair needs one)")
     kinds_seen: dict[str, int] = {}
-    with path.open() as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            rec = json.loads(line)
-            for key, kind, name in (("prefix", str, "string"), ("eos", bool, "boolean"), ("kind", str, "string")):
-                if key in rec and not isinstance(rec[key], kind):
-                    raise ConfigError(f"{path} line {n}: field {key!r} is a {type(rec[key]).__name__}, not a {name}")
-            if "kind" in rec and rec["kind"] not in PAIR_KINDS:
-                raise ConfigError(f"{path} line {n}: field 'kind' is {rec['kind']!r}, not one of {', '.join(PAIR_KINDS)}")
-            kinds_seen[rec.get("kind")] = kinds_seen.get(rec.get("kind"), 0) + 1
+    for rec in iter_jsonl(cfg.data, PAIR_FIELDS, PAIR_OPTIONAL, {"kind": PAIR_KINDS}, " (every pair needs one)",
+                          key="data"):
+        kinds_seen[rec.get("kind")] = kinds_seen.get(rec.get("kind"), 0) + 1
     usable = sum(c for k, c in kinds_seen.items() if k is None or k in cfg.kinds)
     if not usable:
         raise ConfigError(f"data: {cfg.data} holds no pairs of kinds {cfg.kinds} (it has "

@@ -103,6 +103,19 @@ class TrainConfig(Config):
         return str(Path(v).expanduser().resolve())
 
 
+def absolute_paths(cfg):
+    """A trainer's config with the recipe's relative file paths (`data`, `eval_data`, `output`, `model`,
+    `init_from`) made absolute: Ray Train workers do not run in this directory (as `TrainConfig.storage_path`)."""
+    update = {}
+    for key in ("data", "eval_data", "output", "model", "init_from"):
+        value = getattr(cfg, key, None)
+        if not isinstance(value, str) or ":" in value or Path(value).is_absolute():
+            continue  # unset, a toy:/new: name or a Hub id with a colon, or already absolute
+        if key == "output" or Path(value).exists():
+            update[key] = str(Path(value).resolve())
+    return cfg.model_copy(update=update) if update else cfg
+
+
 def deepspeed_config(cfg: TrainConfig) -> dict:
     """The DeepSpeed config of a recipe's `train:` section."""
     zero: dict[str, Any] = {"stage": cfg.zero_stage}

@@ -3,7 +3,8 @@
 Per PPO iteration:
 
 - Rollout: `samples_per_question` trajectories per question from the **rollout actor** (a `PolicyActor` pool that
-  gets the trainer's weights after every optimizer step, as in `train.latro`: push by rank 0, barrier).
+  gets the trainer's weights after every optimizer step, as in `train.latro`: `train.rollouts`, push by rank 0,
+  barrier).
 - Steps: the response split at `step_delimiter` ("\\n\\n", kept). The PRM pool (`prm:`, a `PRMActor` pool, e.g.
   toy:prm) scores each step prefix; rewards per response token:
   -kl_coef (0.1) x (log pi - log pi_ref) on every token, plus, at each step's last token, the PRM's score of that
@@ -14,11 +15,12 @@ Per PPO iteration:
 - `ppo_epochs` (2) optimizer steps on the same rollouts: PPO's clipped policy loss (clip 0.2) and clipped value
   loss (value clip 0.2, `vf_coef` 0.5 x max of the squared errors of the clipped and unclipped values).
 
-Models: the actor and the frozen reference start from `model` (LPR: the DPO model). The critic is the PRM's trunk
-(`critic_model`, default the PRM checkpoint, loaded as its base transformer) with a fresh scalar head (LPR's critic
-is bounded to [0,1] while returns exceed 1: a scalar head is not). Actor and critic train in one DeepSpeed engine
-(`ActorCritic`); the critic's learning rate is `critic_lr_scale` x train.lr (LPR: actor 1e-6, critic 5e-7), through
-the loop's `TrainTask.lr_scale`. The export (`hf/`, `output`) is the actor alone; the critic goes to `hf/critic/`.
+Models: the actor and the frozen reference start from `model` (LPR: the DPO model); under ZeRO-3 the reference is
+its own DeepSpeed engine without an optimizer, partitioned as the actor is (`train.rollouts`). The critic is the
+PRM's trunk (`critic_model`, default the PRM checkpoint, loaded as its base transformer) with a fresh scalar head
+(LPR's critic is bounded to [0,1] while returns exceed 1: a scalar head is not). Actor and critic train in one
+DeepSpeed engine (`ActorCritic`); the critic's learning rate is `critic_lr_scale` x train.lr (LPR: actor 1e-6,
+critic 5e-7), through the loop's `TrainTask.lr_scale`. The export (`hf/`, `output`) is the actor alone; the critic goes to `hf/critic/`.
 
 Simplifications, said here: a PPO iteration consumes one micro batch of questions and reuses its rollouts for the
 next `ppo_epochs - 1` optimizer steps (the questions of those micro batches are skipped), so train.grad_accum must
@@ -27,16 +29,19 @@ must share the tokenizer (Qwen2.5-Math and its PRM do; so do the toy models).
 """
 from __future__ import annotations
 
-import time
 from typing import Literal
 
 from pydantic import Field, model_validator
 
-from app.config import Config, ConfigError
+from app.config import Config
 from app.pool_config import PoolConfig, PRMPoolConfig
-from train.latro import gather_state, push_weights
-from train.loop import TrainConfig, TrainTask, fit_and_export
+from train.loop import TrainConfig, fit_and_export
+from train.records import check_records, read_jsonl
+from train.rollouts import RolloutTask, start_rollout_pool
+from train.rollouts import rollout_share  # noqa: F401 (train.ppo.rollout_share, as before)
 from train.sft import ToyData, load_tokenizer_for
+
+FIELDS = {"question": str, "answer": object}  # what every question record needs (the PRM reads the question)
 
 
 class PPOConfig(Config):
@@ -121,12 +126,6 @@ def value_loss(values, old_values, returns, mask, clip: float):
     return 0.5 * masked_mean(((values - returns) ** 2).max((vc - returns) ** 2), mask)
 
 
-def rollout_share(rows: list[dict]) -> float:
-    from train.latro import rollout_share as share
-
-    return share(rows)
-
-
 # --- models -------------------------------------------------------------------------------------------------------
 
 def _actor_critic_class():
@@ -175,7 +174,7 @@ def policy_state(state: dict | None) -> dict | None:
     return None if state is None else {k[len("policy."):]: v for k, v in state.items() if k.startswith("policy.")}
 
 
-class PPOTask(TrainTask):
+class PPOTask(RolloutTask):
     def __init__(self, cfg: PPOConfig, pool=None, prm_pool=None):
         self.cfg, self.pool, self.prm_pool = cfg, pool, prm_pool
         self.step, self._calls, self._cache = 0, 0, None
@@ -183,14 +182,26 @@ class PPOTask(TrainTask):
     def build_tokenizer(self):
         return load_tokenizer_for(self.cfg.model)
 
-    def build_model(self):
+    def build_policy(self):
+        """The actor as it starts (also the frozen reference), dropout off."""
         import torch
-        from transformers import AutoModel, AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM
 
         from app.toy import resolve_model
         from train.dpo import disable_dropout
 
         policy = AutoModelForCausalLM.from_pretrained(resolve_model(self.cfg.model), dtype=torch.float32)
+        disable_dropout(policy)
+        return policy
+
+    def build_model(self):
+        import torch
+        from transformers import AutoModel
+
+        from app.toy import resolve_model
+        from train.dpo import disable_dropout
+
+        policy = self.build_policy()
         trunk = AutoModel.from_pretrained(resolve_model(self.cfg.critic_model or self.cfg.prm.model),
                                           dtype=torch.float32)
         model = _actor_critic_class()(policy, trunk)
@@ -212,9 +223,7 @@ class PPOTask(TrainTask):
             probs = toy_problems("train", n_per_level=t.n_per_level, levels=t.levels, seed=t.seed)
             recs = [dict(r, question=p.question) for r, p in zip(toy_records(t), probs)]
         else:
-            from train.sft import read_jsonl
-
-            recs = read_jsonl(self.cfg.data)
+            recs = read_jsonl(self.cfg.data, FIELDS, key="data")
         shape = LaTROConfig(prompt_format="chat", cot_suffix="")
         out = []
         for r in recs:
@@ -227,30 +236,13 @@ class PPOTask(TrainTask):
         return {k: [e[k] for e in examples] for k in ("prompt", "question", "answer")}
 
     def prepare(self, engine, examples, tokenizer, rank, world):
-        import copy
-
-        if self.cfg.train.zero_stage == 3:
-            raise ConfigError("train.zero_stage: ppo's frozen reference is not wired for ZeRO-3 yet; use 0-2")
-        self._ref = copy.deepcopy(engine.module.policy).eval()
-        for p in self._ref.parameters():
-            p.requires_grad_(False)
+        """The frozen reference: the starting actor (ZeRO-3: its own inference engine, `train.rollouts`)."""
+        self.start_rollouts()
+        self._ref = self.frozen_reference(engine, self.build_policy, lambda module: module.policy)
         self._tok = tokenizer
-        self._t_step, self._last_step_s = None, 0.0
 
-    def weights_changed(self, engine, global_step, rank, world):
-        import torch
-
-        if self._t_step is not None or global_step > 0:
-            state = policy_state(gather_state(engine, self.cfg.train.zero_stage, rank))
-            if rank == 0 and self.pool is not None:
-                push_weights(self.pool, state, global_step, self.cfg.sync_bucket_mb)
-        if world > 1:
-            torch.distributed.barrier()
-        self.step = global_step
-        now = time.perf_counter()
-        if self._t_step is not None:
-            self._last_step_s = now - self._t_step
-        self._t_step = now
+    def rollout_state(self, state):
+        return policy_state(state)
 
     # rollouts and rewards
     def make_batch(self, model, batch):
@@ -265,9 +257,7 @@ class PPOTask(TrainTask):
         reqs = [GenerationRequest(p, n=n, temperature=cfg.temperature, max_tokens=cfg.max_tokens,
                                   seed=(cfg.train.seed * 1_000_003 + self.step * 10_007 + i) * 1000)
                 for i, p in enumerate(batch["prompt"])]
-        t0 = time.perf_counter()
-        groups = self.pool.client().generate(reqs)
-        rollout_s = time.perf_counter() - t0
+        groups, rollout_s = self.generate(reqs)
         prm = self.prm_pool.client()
         rows, starts, step_ends, step_rewards = [], [], [], []
         for prompt, question, answer, group in zip(batch["prompt"], batch["question"], batch["answer"], groups):
@@ -321,7 +311,7 @@ class PPOTask(TrainTask):
         return dict(ids=ids, att=att, mask=mask, old_logp=old_logp, old_values=values, adv=adv, ret=ret,
                     metrics={"step_reward": float(score.sum() / len(rows)), "kl": float(kl.sum() / len(rows)),
                              "response_tokens": float(mask.sum() / len(rows)), "rollout_s": rollout_s,
-                             "last_step_s": self._last_step_s})
+                             "last_step_s": self.last_step_s})
 
     def loss(self, model, batch):
         if self._calls % self.cfg.ppo_epochs == 0:
@@ -342,7 +332,7 @@ class PPOTask(TrainTask):
 
     def evaluate(self, model, tokenizer) -> dict:
         n = self.cfg.eval_toy_per_level
-        if not n:
+        if not n or self.cfg.train.zero_stage == 3:  # rank 0 alone cannot run a ZeRO-3 model
             return {}
         from train.sft import toy_greedy_accuracy
 
@@ -359,26 +349,8 @@ def token_logps(logits, ids):
 def check(cfg: PPOConfig) -> None:
     """Without Ray, in well under a second: the data (each record a `question` string and an `answer`, else one
     line naming file, line and field), the models and the PRM pool's config."""
-    import json
-    from pathlib import Path
-
     if cfg.data != "toy:train":
-        path = Path(cfg.data)
-        if not path.is_file():
-            raise ConfigError(f"data: questions file not found: {cfg.data}")
-        with path.open() as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ConfigError(f"{path} line {n}: not JSON ({e.msg})") from None
-                for key in ("question", "answer"):
-                    if not isinstance(rec, dict) or key not in rec:
-                        raise ConfigError(f"{path} line {n}: missing field {key!r}")
-    if cfg.train.zero_stage == 3:
-        raise ConfigError("train.zero_stage: ppo's frozen reference is not wired for ZeRO-3 yet; use 0-2")
+        check_records(cfg.data, FIELDS, " (every question needs one)", "data")
     from actors.prm import validate_prm_config
     from actors.replicas import check_model
 
@@ -387,11 +359,9 @@ def check(cfg: PPOConfig) -> None:
 
 
 def start_pools(cfg: PPOConfig, name: str):
-    from actors.policy import start_policy_pool
     from actors.prm import start_prm_pool
 
-    pool = start_policy_pool((cfg.rollout or PoolConfig(engine="hf", dtype="float32")).model_copy(
-        update={"model": cfg.model}), name=f"{name}-rollout")
+    pool = start_rollout_pool(cfg, f"{name}-rollout")
     try:
         prm = start_prm_pool(cfg.prm, name=f"{name}-prm")
     except BaseException:

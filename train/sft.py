@@ -11,14 +11,15 @@ Model: a Hub name or path, `toy:policy` (the shipped toy policy, to continue tra
 """
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Literal
 
 from pydantic import Field
 
-from app.config import Config, ConfigError
+from app.config import Config
 from train.loop import TrainConfig, TrainTask, fit_and_export
+from train.records import check_records, read_jsonl  # noqa: F401 (train.prm and train.synthesize read them here)
+
+FIELDS = {"prompt": str, "completion": str}  # what every SFT record needs
 
 
 class ToyData(Config):
@@ -55,54 +56,6 @@ def load_tokenizer_for(model: str):
     return load_tokenizer(resolve_model(model))
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"data file not found: {path}")
-    out = []
-    with path.open() as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    out.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ConfigError(f"{path} line {n}: not valid JSON ({e.msg})") from None
-    return out
-
-
-def check_records(path: str | Path, fields: dict[str, type | tuple[type, ...]], why: str = "") -> int:
-    """Every record of a JSONL file has each field, of its type: else one line naming the file, the line and the
-    field (a ConfigError, so a job exits 2 before Ray starts, instead of a KeyError inside a Ray Train worker).
-    Returns the number of records."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"data file not found: {path}")
-    count = 0
-    with path.open() as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"{path} line {n}: not valid JSON ({e.msg})") from None
-            if not isinstance(rec, dict):
-                raise ConfigError(f"{path} line {n}: a record must be a JSON object, not {type(rec).__name__}")
-            for key, kind in fields.items():
-                if key not in rec:
-                    raise ConfigError(f"{path} line {n}: the record has no {key!r} field{why}")
-                if not isinstance(rec[key], kind):
-                    raise ConfigError(f"{path} line {n}: field {key!r} is a {type(rec[key]).__name__}, "
-                                      f"not a {_kind_name(kind)}")
-            count += 1
-    return count
-
-
-def _kind_name(kind) -> str:
-    kinds = kind if isinstance(kind, tuple) else (kind,)
-    return " or ".join({"str": "string", "list": "list", "dict": "object"}.get(k.__name__, k.__name__) for k in kinds)
-
-
 class SFTTask(TrainTask):
     def __init__(self, cfg: SFTConfig):
         self.cfg = cfg
@@ -130,13 +83,10 @@ class SFTTask(TrainTask):
             t = self.cfg.toy
             return sft_examples(t.n_per_level, levels=t.levels, seed=t.seed, orders_per_problem=t.orders_per_problem,
                                 weights=t.level_weights or None)
-        return read_jsonl(self.cfg.data)
+        return read_jsonl(self.cfg.data, FIELDS, key="data")
 
     def load_examples(self, tokenizer) -> list[dict]:
         recs = self.records()
-        for k in ("prompt", "completion"):
-            if recs and k not in recs[0]:
-                raise ConfigError(f"{self.cfg.data}: records need 'prompt' and 'completion' fields (got {sorted(recs[0])})")
         prompts = tokenizer([r["prompt"] for r in recs], add_special_tokens=True)["input_ids"]
         comps = tokenizer([r["completion"] for r in recs], add_special_tokens=False)["input_ids"]
         eos = tokenizer.eos_token_id
@@ -202,9 +152,7 @@ def check(cfg: SFTConfig) -> None:
     """What can be checked without Ray: the data file (every record has a prompt and a completion) and the model
     exist."""
     if cfg.data != "toy:train":
-        if not Path(cfg.data).is_file():
-            raise FileNotFoundError(f"sft data not found: {cfg.data}")
-        check_records(cfg.data, {"prompt": str, "completion": str})
+        check_records(cfg.data, FIELDS, key="data")
     if not cfg.model.startswith("new:toy-"):
         from actors.replicas import check_model
 
