@@ -3,10 +3,13 @@ made by the policy (and PRM) pools, resumable (run it again and the finished pro
 (`num_shards` / `shard`: one job per shard, each with its own output). `--dry-run` prints the pools' placement
 and checks it fits, loading nothing.
 
+- `mc`: Monte-Carlo step labels (`train.synthesize.mc_labels`; `k=0`: the toy checker's exact labels), PRM data
+  and the trajectories step pairs start from.
 - `pairs`: preference pairs for DPO and step-DPO (`train.synthesize.pairs`: outcome, PRM best-of and step pairs).
 - `states`: LPR's intermediate states with their values 0..3, PRM data for `format: lpr` (`train.synthesize.states`).
 - `omega`: OmegaPRM's binary-search step labels, PRM data in the MC-label format (`train.synthesize.omega`).
 
+    ponder synthesize mc --config toy/mc
     ponder synthesize pairs --config toy/pairs
     ponder synthesize pairs --config toy/pairs kinds='[step]' problems=mc output=runs/toy/step_pairs.jsonl
     ponder synthesize states --config toy/states
@@ -23,6 +26,7 @@ from jobs.common import dry_run, init_ray, recipe_parser, user_errors
 
 # kind -> (module, config class, what it makes)
 KINDS = {
+    "mc": ("train.synthesize.mc_labels", "MCLabelConfig", "Monte-Carlo step labels (PRM data, step pairs)"),
     "pairs": ("train.synthesize.pairs", "PairsConfig", "preference pairs for DPO / step-DPO"),
     "states": ("train.synthesize.states", "StatesConfig", "LPR's valued intermediate states (PRM data)"),
     "omega": ("train.synthesize.omega", "OmegaConfig", "OmegaPRM's binary-search step labels (PRM data)"),
@@ -55,6 +59,8 @@ def summary(kind: str, stats: dict, output: str) -> str:
     if kind == "pairs":
         kinds = ", ".join(f"{n} {k}" for k, n in sorted(stats["by_kind"].items())) or "none"
         return f"pairs: {stats['pairs']} new pairs ({kinds}) {took}; {done}"
+    if kind == "mc":
+        return f"mc: {stats['trajectories']} new trajectories ({stats['steps']} labelled steps) {took}; {done}"
     if kind == "states":
         values = "/".join(str(n) for _, n in sorted(stats["values"].items()))
         return (f"states: {stats['records']} new records ({stats['state']} states, values 0..3: {values}; "

@@ -45,6 +45,9 @@ from train.synthesize.resumable import read_done as resumable_read_done
 
 
 class MCLabelConfig(ShardConfig):
+    """A `job: mc` recipe (`ponder synthesize mc --config RECIPE`), also the `mc:` section of the toy build."""
+
+    job: Literal["mc"] = "mc"
     policy: PoolConfig = Field(default_factory=lambda: PoolConfig(engine="hf", model="toy:policy"))
     problems: str = Field("toy:train", description="toy:train, toy:test, or a load_problems source")
     n_per_level: int = Field(50, ge=1, description="toy sources: problems per level")
