@@ -38,23 +38,15 @@ from typing import Literal, Sequence
 from pydantic import Field, model_validator
 
 from app.grading import grade
-from app.pool_config import PoolConfig
-from train.synthesize.resumable import (ShardConfig, exact_checker, load_problems, make_prompt, pending,
+from train.synthesize.resumable import (SynthesisConfig, exact_checker, load_problems, make_prompt, pending,
                                         policy_pool, seed_of, write_records)
 from train.synthesize.resumable import read_done as resumable_read_done
 
 
-class MCLabelConfig(ShardConfig):
+class MCLabelConfig(SynthesisConfig):
     """A `job: mc` recipe (`ponder synthesize mc --config RECIPE`), also the `mc:` section of the toy build."""
 
     job: Literal["mc"] = "mc"
-    policy: PoolConfig = Field(default_factory=lambda: PoolConfig(engine="hf", model="toy:policy"))
-    problems: str = Field("toy:train", description="toy:train, toy:test, or a load_problems source")
-    n_per_level: int = Field(50, ge=1, description="toy sources: problems per level")
-    levels: list[int] = [1, 2, 3, 4, 5]
-    offset: int = Field(0, ge=0, description="toy sources: skip this many problems per level first")
-    limit: int | None = Field(None, ge=1, description="other sources: at most this many problems")
-    prompt: Literal["toy", "plain"] = "toy"
     # Defaults: the published setting (RLHFlow's re-run of Math-Shepherd: 15 solutions per problem, 16 completions
     # per step, temperature 0.7). The toy world's recipe (configs/toy/world.yaml, `mc:`) passes smaller ones.
     samples: int = Field(15, ge=1, description="trajectories sampled per problem (published: 15)")

@@ -42,23 +42,15 @@ from typing import Callable, Literal, Sequence
 from pydantic import Field
 
 from app.grading import grade
-from app.pool_config import PoolConfig
 from train.synthesize.mc_labels import has_final_answer
-from train.synthesize.resumable import (ShardConfig, exact_checker, load_problems, make_prompt, pending,
+from train.synthesize.resumable import (SynthesisConfig, exact_checker, load_problems, make_prompt, pending,
                                         policy_pool, seed_of, write_records)
 
 
-class OmegaConfig(ShardConfig):
+class OmegaConfig(SynthesisConfig):
     """A `job: omega` recipe (`ponder synthesize omega --config RECIPE`). Defaults: OpenR's OmegaPRM (MATH-APS)."""
 
     job: Literal["omega"] = "omega"
-    policy: PoolConfig = Field(default_factory=lambda: PoolConfig(engine="hf", model="toy:policy"))
-    problems: str = Field("toy:train", description="toy:train, toy:test, or a load_problems source")
-    n_per_level: int = Field(50, ge=1, description="toy sources: problems per level")
-    levels: list[int] = [1, 2, 3, 4, 5]
-    offset: int = Field(0, ge=0, description="toy sources: skip this many problems per level first")
-    limit: int | None = Field(None, ge=1, description="other sources: at most this many problems")
-    prompt: Literal["toy", "plain"] = "toy"
     filter_rollouts: int = Field(32, ge=0, description="rollouts from the question; kept only with one right and "
                                  "one wrong (OpenR: 32); 0 keeps every question")
     k: int = Field(16, ge=1, description="rollouts per MC estimate (OpenR: 16)")

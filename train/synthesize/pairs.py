@@ -39,27 +39,21 @@ from typing import Literal, Sequence
 from pydantic import Field, model_validator
 
 from app.grading import grade
-from app.pool_config import PoolConfig, PRMPoolConfig
-from train.synthesize.resumable import (ShardConfig, load_problems, make_prompt, pending, policy_pool, seed_of,
+from app.pool_config import PRMPoolConfig
+from train.synthesize.resumable import (SynthesisConfig, load_problems, make_prompt, pending, policy_pool, seed_of,
                                         write_records)
 from train.synthesize.resumable import read_done as resumable_read_done
 
 
-class PairsConfig(ShardConfig):
+class PairsConfig(SynthesisConfig):
     """A `job: pairs` recipe (`ponder synthesize pairs --config RECIPE`). Defaults: LPR's and Step-DPO's."""
 
     job: Literal["pairs"] = "pairs"
     kinds: list[Literal["outcome", "prm", "step"]] = Field(["outcome"], min_length=1,
                                                            description="which pairs to make")
-    policy: PoolConfig = Field(default_factory=lambda: PoolConfig(engine="hf", model="toy:policy"))
     prm: PRMPoolConfig | None = Field(None, description="the PRM pool (kind prm)")
     problems: str = Field("toy:train", description="toy:train, toy:test, a load_problems source, or `mc`: the "
                           "problems of mc_data")
-    n_per_level: int = Field(50, ge=1, description="toy sources: problems per level")
-    levels: list[int] = [1, 2, 3, 4, 5]
-    offset: int = Field(0, ge=0, description="toy sources: skip this many problems per level first")
-    limit: int | None = Field(None, ge=1, description="other sources: at most this many problems")
-    prompt: Literal["toy", "plain"] = "toy"
     samples: int = Field(10, ge=2, description="trajectories per problem for outcome/prm pairs (LPR: 10)")
     temperature: float = Field(0.8, ge=0, description="sampling temperature, trajectories and continuations "
                                "(LPR and Step-DPO: 0.8)")

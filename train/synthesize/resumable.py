@@ -21,11 +21,12 @@ import json
 import os
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Literal, Sequence
 
 from pydantic import Field, model_validator
 
 from app.config import Config
+from app.pool_config import PoolConfig
 
 
 class ShardConfig(Config):
@@ -40,6 +41,18 @@ class ShardConfig(Config):
             raise ValueError(f"shard: {self.shard} is not below num_shards {self.num_shards}")
         return self
 
+
+
+class SynthesisConfig(ShardConfig):
+    """What every synthesis recipe has: the policy pool, which problems, and how they are prompted."""
+
+    policy: PoolConfig = Field(default_factory=lambda: PoolConfig(engine="hf", model="toy:policy"))
+    problems: str = Field("toy:train", description="toy:train, toy:test, or a load_problems source")
+    n_per_level: int = Field(50, ge=1, description="toy sources: problems per level")
+    levels: list[int] = [1, 2, 3, 4, 5]
+    offset: int = Field(0, ge=0, description="toy sources: skip this many problems per level first")
+    limit: int | None = Field(None, ge=1, description="other sources: at most this many problems")
+    prompt: Literal["toy", "plain"] = "toy"
 
 def load_problems(source: str, n_per_level: int, levels: Sequence[int], offset: int = 0, limit: int | None = None,
                   seed: int = 0) -> list[dict]:

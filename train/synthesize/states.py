@@ -34,22 +34,14 @@ from typing import Literal, Sequence
 from pydantic import Field
 
 from app.grading import grade
-from app.pool_config import PoolConfig
-from train.synthesize.resumable import (ShardConfig, exact_checker, load_problems, make_prompt, pending,
+from train.synthesize.resumable import (SynthesisConfig, exact_checker, load_problems, make_prompt, pending,
                                         policy_pool, seed_of, write_records)
 
 
-class StatesConfig(ShardConfig):
+class StatesConfig(SynthesisConfig):
     """A `job: states` recipe (`ponder synthesize states --config RECIPE`). Defaults: LPR's."""
 
     job: Literal["states"] = "states"
-    policy: PoolConfig = Field(default_factory=lambda: PoolConfig(engine="hf", model="toy:policy"))
-    problems: str = Field("toy:train", description="toy:train, toy:test, or a load_problems source")
-    n_per_level: int = Field(50, ge=1, description="toy sources: problems per level")
-    levels: list[int] = [1, 2, 3, 4, 5]
-    offset: int = Field(0, ge=0, description="toy sources: skip this many problems per level first")
-    limit: int | None = Field(None, ge=1, description="other sources: at most this many problems")
-    prompt: Literal["toy", "plain"] = "toy"
     samples: int = Field(10, ge=1, description="trajectories sampled per question (LPR: 10)")
     temperature: float = Field(0.8, ge=0, description="for the trajectories (LPR: 0.8)")
     top_p: float = Field(1.0, gt=0, le=1, description="for the trajectories (LPR: 1.0)")
