@@ -70,7 +70,8 @@ class ModelActor:
         import ray
 
         d = dict(engine=self.engine_name, model=self.model, num_parameters=self.num_parameters, pid=os.getpid(),
-                 host=socket.gethostname(), load_seconds=self.load_seconds)
+                 host=socket.gethostname(), load_seconds=self.load_seconds,
+                 dtype=getattr(self.engine, "dtype", None))
         if ray.is_initialized() and ray.get_runtime_context().worker.mode == ray.WORKER_MODE:
             ctx = ray.get_runtime_context()  # in an actor, not when a test builds the class in its own process
             d.update(node_id=ctx.get_node_id(), resources=dict(ctx.get_assigned_resources()),

@@ -309,6 +309,28 @@ def test_both_policy_engines_encode_prompts_with_one_bos_unless_quirk_double_bos
     assert HFEngine(tiny_policy, quirk_double_bos=True).quirk_double_bos is True  # a pool's engine_kwargs reach it
 
 
+def test_dtype_auto_is_the_checkpoints_own_for_both_engines(tiny_policy, tmp_path):
+    """vLLM's own "auto" downcasts a float32 checkpoint to bf16; ponder's "auto" is the checkpoint's dtype in both
+    engines, so one recipe runs at one precision whichever engine serves it."""
+    import json
+    import shutil
+
+    from actors.engines.base import vllm_dtype
+    from actors.engines.hf import HFEngine
+
+    assert vllm_dtype("auto", tiny_policy) == "float32" == HFEngine(tiny_policy, dtype="auto").dtype
+    bf16 = tmp_path / "bf16"
+    shutil.copytree(tiny_policy, bf16)
+    cfg = json.loads((bf16 / "config.json").read_text())
+    cfg.pop("torch_dtype", None)
+    cfg["dtype"] = "bfloat16"
+    (bf16 / "config.json").write_text(json.dumps(cfg))
+    assert vllm_dtype("auto", str(bf16)) == "bfloat16" == HFEngine(str(bf16), dtype="auto").dtype
+    assert vllm_dtype("bf16", tiny_policy) == "bfloat16" and vllm_dtype("fp32", str(bf16)) == "float32"
+    with pytest.raises(ValueError, match="unknown dtype 'f8'"):
+        vllm_dtype("f8", tiny_policy)
+
+
 # --- import guard -------------------------------------------------------------------------------------------------
 
 def test_vllm_missing_gives_one_clear_line(monkeypatch, tiny_policy):

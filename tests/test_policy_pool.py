@@ -192,7 +192,8 @@ def test_vllm_policy_actor_batches_concurrent_callers(ray_cluster, tiny_policy):
     expected = [g[0].text for g in HFEngine(tiny_policy).generate(reqs)]
     pool = start_policy_pool(PoolConfig(engine="vllm", model=tiny_policy, replicas=1))
     try:
-        assert pool.info[0]["engine"] == "vllm"
+        # dtype auto = the checkpoint's own (float32), as the HF engine reads it, not vLLM's bf16 downcast
+        assert pool.info[0]["engine"] == "vllm" and pool.info[0]["dtype"] == "float32"
         client = pool.client()
 
         async def many():

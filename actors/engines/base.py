@@ -65,6 +65,24 @@ def torch_dtype(dtype: str | None):
     return "auto" if name == "auto" else getattr(torch, name)
 
 
+def vllm_dtype(dtype: str | None, path: str, trust_remote_code: bool = False) -> str:
+    """A recipe's dtype as vLLM takes it, with "auto" meaning what it means for the HF engines: the checkpoint's
+    own dtype (its config's `dtype` / `torch_dtype`). vLLM's own "auto" downcasts a float32 checkpoint to bf16,
+    so the two engines would run one recipe at different precisions; and on CPU, vLLM's bf16 path takes its
+    AMX attention kernel, whose worker died of SIGILL in this project's CI VMs (exit code -4) where float32 runs."""
+    from app.pool_config import canonical_dtype
+
+    name = canonical_dtype(dtype or "auto")
+    if name != "auto":
+        return name
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    own = getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None)
+    own = str(own).removeprefix("torch.") if own is not None else "auto"
+    return own if own in ("float32", "bfloat16", "float16") else "auto"
+
+
 def encode_prompt(tokenizer, prompt, quirk_double_bos: bool = False) -> list[int]:
     """A policy prompt as token ids, the same for both policy engines.
 

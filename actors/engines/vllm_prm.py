@@ -22,8 +22,7 @@ from __future__ import annotations
 import uuid
 from typing import Any, Sequence
 
-from actors.engines.base import StepScores, checkpoint_parameters, import_vllm, vllm_executor_args
-from app.pool_config import canonical_dtype
+from actors.engines.base import StepScores, checkpoint_parameters, import_vllm, vllm_dtype, vllm_executor_args
 
 CPU_KV_CACHE_BYTES = 256 * 2**20  # ample for PRM prefills of toy/1.5B models on CPU; raise it in engine_kwargs
 
@@ -59,7 +58,7 @@ class VLLMPRMEngine:
             kw.setdefault("enforce_eager", True)
             if kw.get("gpu_memory_utilization") is None and kw.get("kv_cache_memory_bytes") is None:
                 kw["kv_cache_memory_bytes"] = CPU_KV_CACHE_BYTES
-        dtype = canonical_dtype(dtype)
+        self.dtype = dtype = vllm_dtype(dtype, path, bool(kw.get("trust_remote_code")))
         for key, value in vllm_executor_args(int(kw.get("tensor_parallel_size", 1))).items():
             kw.setdefault(key, value)
         args = dict(
