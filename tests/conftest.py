@@ -21,6 +21,23 @@ def ray_cluster():
     ray.shutdown()
 
 
+@pytest.fixture
+def pickled_by_value(request):
+    """Ray workers unpickle the requesting test module's classes by value, with those of tests.train_helpers and of
+    the modules it names in a module-level `PICKLED_WITH` tuple: the workers cannot import tests/ by name."""
+    import importlib
+
+    from ray import cloudpickle
+
+    names = ("tests.train_helpers", *getattr(request.module, "PICKLED_WITH", ()))
+    modules = [request.module, *(importlib.import_module(n) for n in names)]
+    for m in modules:
+        cloudpickle.register_pickle_by_value(m)
+    yield
+    for m in modules:
+        cloudpickle.unregister_pickle_by_value(m)
+
+
 # --- vLLM tests must really run in CI -----------------------------------------------------------------------
 # With CI=true (or PONDER_REQUIRE_VLLM=1), a skipped test marked `vllm` counts as a failure, and a session
 # that ran no `vllm` test fails: the engine users run on clusters is never silently untested.

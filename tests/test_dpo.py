@@ -12,7 +12,7 @@ import torch
 
 from app.search.tree import split_steps
 from app.toy.world import toy_problems, toy_prompt
-from tests.train_helpers import CrashAt, crash_then_resume, history, pickled_by_value  # noqa: F401 (a fixture)
+from tests.train_helpers import CrashAt, crash_then_resume, history
 from train.dpo import DPOConfig, DPOTask, dpo_loss, encode_pair, response_logps
 from train.loop import TrainConfig
 

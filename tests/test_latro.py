@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from app.contracts import Completion
-from tests.train_helpers import CrashAt, crash_then_resume, history, pickled_by_value  # noqa: F401 (a fixture)
+from tests.train_helpers import CrashAt, crash_then_resume, history
 from train.latro import LaTROConfig, LaTROTask, cut_rationale, latro_loss, latro_rewards, rloo_advantages
 from train.loop import TrainConfig
 from train.rollouts import rollout_share

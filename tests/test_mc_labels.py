@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 
 import pytest
 
@@ -138,15 +137,6 @@ def test_skip_after_zero_saves_completions(tmp_path):
     assert [r["soft"] for r in a] == [r["soft"] for r in b]
     assert b[1]["soft"][0] == 0.0
     assert fast.requests < full.requests
-
-
-@pytest.fixture
-def pickled_by_value():
-    from ray import cloudpickle
-
-    cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    yield
-    cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
 
 
 def test_run_writes_and_resumes(ray_cluster, tmp_path, pickled_by_value):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 
 import pytest
 
@@ -12,6 +11,8 @@ from app.toy.checker import exact_step_labels
 from app.toy.world import toy_problems
 from tests.test_mc_labels import ScriptedPool
 from train.synthesize.omega import Node, OmegaConfig, OmegaSearch, agreement, label_records, omega_problem, run
+
+PICKLED_WITH = ("tests.test_mc_labels",)  # its ScriptedPool runs in the Ray tasks (conftest.pickled_by_value)
 
 ROLLOUT = [f"s{i}\n\n" for i in range(7)] + ["s7"]   # a wrong rollout; its first wrong step is s5
 BAD = {"s5\n\n", "s6\n\n", "s7"}
@@ -128,19 +129,6 @@ def test_agreement_with_the_checker():
     got = agreement(recs)
     assert got["first_wrong"] == 1 and got["first_wrong_agree"] == 1.0   # the second is not located exactly
     assert got["labelled_prefixes"] == 3 and got["hard_agree"] == pytest.approx(2 / 3)  # "ab" right but MC 0.5
-
-
-@pytest.fixture
-def pickled_by_value():
-    from ray import cloudpickle
-
-    import tests.test_mc_labels
-
-    for m in (sys.modules[__name__], tests.test_mc_labels):
-        cloudpickle.register_pickle_by_value(m)
-    yield
-    for m in (sys.modules[__name__], tests.test_mc_labels):
-        cloudpickle.unregister_pickle_by_value(m)
 
 
 def test_filter_and_resume_with_a_scripted_policy(ray_cluster, tmp_path, pickled_by_value):

@@ -3,7 +3,6 @@ refusals of bad DPO / pairs recipes before Ray starts, and the training storage 
 from __future__ import annotations
 
 import json
-import sys
 import time
 
 import pytest
@@ -15,6 +14,8 @@ from tests.test_mc_labels import ScriptedPool, ScriptedToyPolicy, _slip
 from train.synthesize.mc_labels import MCLabelConfig, label_problem
 from train.synthesize.pairs import (PairsConfig, first_bad_step, outcome_pairs, pair_problem, prm_pairs, read_done,
                                     run, step_candidates, step_pairs)
+
+PICKLED_WITH = ("tests.test_mc_labels",)  # its ScriptedPool runs in the Ray tasks (conftest.pickled_by_value)
 
 PROBLEM = {"id": "p1", "question": "What is 1 + 2?", "answer": "3", "level": 1}
 
@@ -93,19 +94,6 @@ def test_pair_problem_makes_all_three_kinds():
     assert by["prm"]["chosen_reward"] > by["prm"]["rejected_reward"]
     assert solution.startswith(by["step"]["prefix"] + by["step"]["chosen"])
     assert by["step"]["rejected"] in _slip(solution) and by["step"]["rejected"] not in solution
-
-
-@pytest.fixture
-def pickled_by_value():
-    from ray import cloudpickle
-
-    import tests.test_mc_labels
-
-    for m in (sys.modules[__name__], tests.test_mc_labels):
-        cloudpickle.register_pickle_by_value(m)
-    yield
-    for m in (sys.modules[__name__], tests.test_mc_labels):
-        cloudpickle.unregister_pickle_by_value(m)
 
 
 def test_run_writes_one_record_per_pair_and_resumes(ray_cluster, tmp_path, pickled_by_value):
@@ -257,7 +245,7 @@ def test_the_model_is_exported_from_a_uri_checkpoint(tmp_path):
     from safetensors.torch import load_file
 
     from app.toy import resolve_model
-    from train.loop import download_export, export_to, exported_model
+    from train.export import download_export, export_to, exported_model
 
     mem = fsspec.filesystem("memory")
     src = resolve_model("toy:policy")

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.train_helpers import CrashAt, crash_then_resume, history, pickled_by_value  # noqa: F401 (a fixture)
+from tests.train_helpers import CrashAt, crash_then_resume, history
 from train.loop import TrainConfig
 from train.ppo import PPOConfig, PPOTask, gae, policy_loss, value_loss
 

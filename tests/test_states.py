@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import random
-import sys
 
 import pytest
 
@@ -15,6 +14,8 @@ from app.toy.world import toy_problems
 from tests.test_mc_labels import ScriptedPool, ScriptedToyPolicy
 from train.synthesize.states import (StatesConfig, pick_states, records_of, run, state_lengths, state_value,
                                      states_problem)
+
+PICKLED_WITH = ("tests.test_mc_labels",)  # its ScriptedPool runs in the Ray tasks (conftest.pickled_by_value)
 
 
 def test_states_start_at_a_fifth_of_the_steps_and_are_kept_with_probability_ratio():
@@ -86,19 +87,6 @@ def test_records_of_full_trajectories():
     recs = records_of(problem, trajs, [(0, ["a\n\n"])], [2], completions=3)
     assert [(r["kind"], r["value"]) for r in recs] == [("state", 2), ("full", 3), ("full", 0)]
     assert records_of(problem, trajs, [], [], completions=3, full=False) == []
-
-
-@pytest.fixture
-def pickled_by_value():
-    from ray import cloudpickle
-
-    import tests.test_mc_labels
-
-    for m in (sys.modules[__name__], tests.test_mc_labels):
-        cloudpickle.register_pickle_by_value(m)
-    yield
-    for m in (sys.modules[__name__], tests.test_mc_labels):
-        cloudpickle.unregister_pickle_by_value(m)
 
 
 def test_run_resumes_and_shards(ray_cluster, tmp_path, pickled_by_value):

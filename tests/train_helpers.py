@@ -1,12 +1,11 @@
 """What the trainer tests share (DPO, LaTRO, PPO): a task that crashes once mid-training, the run that crashes and
 resumes from its checkpoint, and a run's per-step rows.
 
-A test module defining a task subclass asks for the `pickled_by_value` fixture (import it from here): Ray Train
+A test module defining a task subclass asks for the `pickled_by_value` fixture (tests/conftest.py): Ray Train
 workers then unpickle the test's classes, and this module's, by value."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -25,18 +24,6 @@ class CrashAt:
         if self.calls == self.crash_at and Path(self.flag).exists():
             raise RuntimeError("injected crash")
         return super().loss(model, batch)
-
-
-@pytest.fixture
-def pickled_by_value(request):
-    from ray import cloudpickle
-
-    modules = [request.module, sys.modules[__name__]]
-    for m in modules:
-        cloudpickle.register_pickle_by_value(m)
-    yield
-    for m in modules:
-        cloudpickle.unregister_pickle_by_value(m)
 
 
 def crash_then_resume(make_task, run, desc: str, flag: Path, checkpoints=("step_0000002",)):
