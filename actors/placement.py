@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from app.config import ConfigError
-from app.pool_config import PoolConfig
+from app.pool_config import PoolConfig, config_dtype
 
 _EPS = 1e-9
 
@@ -295,7 +295,7 @@ def estimate_memory(cfg: PoolConfig, gpu_memory_gib: float | None = None) -> dic
     params = layers * (attn + 3 * h * inter) + vocab * h * (1 if getattr(text, "tie_word_embeddings", False) else 2)
     dtype = cfg.dtype
     if dtype == "auto":
-        dtype = str(getattr(text, "dtype", None) or getattr(text, "torch_dtype", None) or "float32").replace("torch.", "")
+        dtype = config_dtype(text) or "float32"
     nbytes = _DTYPE_BYTES.get(dtype, 4)
     tp = cfg.tp
     out: dict[str, Any] = dict(params=params, dtype=dtype, weights_gib_per_gpu=params * nbytes / tp / 2**30,

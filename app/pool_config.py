@@ -15,6 +15,13 @@ from app.config import IN_RECIPE, Config, ConfigError, format_error
 DTYPES = {"auto": "auto", "float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "fp16": "float16", "half": "float16"}
 
+def config_dtype(conf) -> str | None:
+    """The dtype a model config (transformers' PretrainedConfig) says its weights are in, as a torch name
+    ("bfloat16"), or None when it says none: what "auto" means for every engine and for the memory estimate."""
+    own = getattr(conf, "dtype", None) or getattr(conf, "torch_dtype", None)
+    return str(own).removeprefix("torch.") if own is not None else None
+
+
 PRMFormatName = Literal["qwen", "math-shepherd", "rlhflow", "toy-checker", "lpr"]
 
 

@@ -67,19 +67,17 @@ def torch_dtype(dtype: str | None):
 
 def vllm_dtype(dtype: str | None, path: str, trust_remote_code: bool = False) -> str:
     """A recipe's dtype as vLLM takes it, with "auto" meaning what it means for the HF engines: the checkpoint's
-    own dtype (its config's `dtype` / `torch_dtype`). vLLM's own "auto" downcasts a float32 checkpoint to bf16,
-    so the two engines would run one recipe at different precisions; and on CPU, vLLM's bf16 path takes its
-    AMX attention kernel, whose worker died of SIGILL in this project's CI VMs (exit code -4) where float32 runs."""
-    from app.pool_config import canonical_dtype
+    own dtype (`app.pool_config.config_dtype`). vLLM's own "auto" downcasts a float32 checkpoint to bf16, so the
+    two engines would run one recipe at different precisions; and vLLM's bf16 CPU path (on AMX CPUs its AMX
+    attention kernel) died of SIGILL (exit code -4) in this project's CI VMs, where float32 runs."""
+    from app.pool_config import canonical_dtype, config_dtype
 
     name = canonical_dtype(dtype or "auto")
     if name != "auto":
         return name
     from transformers import AutoConfig
 
-    cfg = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    own = getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None)
-    own = str(own).removeprefix("torch.") if own is not None else "auto"
+    own = config_dtype(AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code))
     return own if own in ("float32", "bfloat16", "float16") else "auto"
 
 

@@ -19,8 +19,9 @@ node); on CPU, unless the caller sets `gpu_memory_utilization` or `kv_cache_memo
 `CPU_KV_CACHE_BYTES` (256 MiB) explicitly, which starts alongside other processes and skips vLLM's warm-up pass;
 `enforce_eager` defaults to True on CPU (no torch.compile: ~45 s start instead of ~110 s on 2 cores, and the
 same tokens/s on toy models); dtype "auto" is the checkpoint's own (float32 for the toy models: vLLM's bf16 CPU
-path, its AMX attention kernel, died of SIGILL in our CI VMs); chunked prefill is off on CPU (seeded requests crash it there, see __init__). vLLM's CPU worker binds its OpenMP threads to cores itself
-(`VLLM_CPU_OMP_THREADS_BIND`, default "auto", which keeps one core free for the front end).
+path died of SIGILL in our CI VMs, see base.vllm_dtype); chunked prefill is off on CPU (seeded requests crash it
+there, see __init__). vLLM's CPU worker binds its OpenMP threads to cores itself (`VLLM_CPU_OMP_THREADS_BIND`,
+default "auto", which keeps one core free for the front end).
 """
 from __future__ import annotations
 

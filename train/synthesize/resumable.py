@@ -42,7 +42,6 @@ class ShardConfig(Config):
         return self
 
 
-
 class SynthesisConfig(ShardConfig):
     """What every synthesis recipe has: the policy pool, which problems, and how they are prompted."""
 
@@ -53,6 +52,7 @@ class SynthesisConfig(ShardConfig):
     offset: int = Field(0, ge=0, description="toy sources: skip this many problems per level first")
     limit: int | None = Field(None, ge=1, description="other sources: at most this many problems")
     prompt: Literal["toy", "plain"] = "toy"
+
 
 def load_problems(source: str, n_per_level: int, levels: Sequence[int], offset: int = 0, limit: int | None = None,
                   seed: int = 0) -> list[dict]:
