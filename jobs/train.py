@@ -1,4 +1,5 @@
-"""`python -m jobs.train --config RECIPE [key=value ...]`: SFT, PRM, DPO, step-DPO, LaTRO or step-PPO training on Ray Train + DeepSpeed.
+"""`python -m jobs.train --config RECIPE [key=value ...]`: SFT, PRM, DPO, step-DPO, LaTRO or step-PPO training on
+Ray Train + DeepSpeed.
 
 The recipe's top-level `job:` picks the trainer: `sft` (train.sft.SFTConfig), `prm` (train.prm.PRMTrainConfig),
 `dpo` or `step-dpo` (train.dpo.DPOConfig), `latro` (train.latro.LaTROConfig), `ppo` (train.ppo.PPOConfig).
