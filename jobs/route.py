@@ -5,9 +5,10 @@ question embeddings (through an encoder actor, in batches) -> the MLP; writes th
 (app.router.router: weights, PCA + scaler, arm table with measured costs, the recipe, the split). With
 `filter.report_both` the router trained the other way (with / without the "too hard" filter) goes to
 `router_dir/other/`.
-eval: both routers on the held-out questions: accuracy vs mean compute over lambda, every fixed arm, the oracle;
-a table on stdout, eval.json, eval.txt and router.png in `eval_dir` (default router_dir/eval), and the headline
-figures as one JSON object on the last line.
+eval: both routers on the held-out (test) questions at the lambda chosen on the validation questions, against the
+best fixed arm (chosen on train + val), the fixed arms' lower envelope at the same accuracy, greedy and the oracle
+(`app.router.policy.assess` defines each figure); a table on stdout, eval.json, eval.txt and router.png in
+`eval_dir` (default router_dir/eval), and the main router's figures as one JSON object on the last line.
 """
 from __future__ import annotations
 
@@ -65,39 +66,30 @@ def train(recipe: RouteRecipe, out=sys.stdout) -> int:
 
 
 def evaluate(recipe: RouteRecipe, out=sys.stdout) -> int:
-    from app.config import ConfigError
     from app.router import policy
-    from app.router.report import write_eval
-    from app.router.router import Router
+    from app.router.report import figures, write_eval
+    from app.router.router import Router, held_out_rows
     from app.router.router import evaluate as judge
 
     d = Path(recipe.router_dir)
     routers = [Router.load(d)] + ([Router.load(d / "other")] if (d / "other" / "arms.json").is_file() else [])
     _, table = _table(recipe)
-    index = {pid: i for i, pid in enumerate(table.ids)}
-    test_ids = routers[0].split["test"]
-    missing = [pid for pid in test_ids if pid not in index]
-    if missing:
-        raise ConfigError(f"data.records: {len(missing)} held-out questions of the router are not in the records "
-                          f"(e.g. {missing[0]}); evaluate on the records it was trained on")
-    held = table.subset([index[pid] for pid in test_ids])
-    rows = list(range(len(test_ids)))
-    emb = _embed(recipe, held.questions)  # the held-out questions only
+    rows = held_out_rows(routers[0], table)
+    emb_rows = rows["test"] + rows["val"]                    # only the questions the routers are run on
+    emb_all = _embed(recipe, [table.questions[i] for i in emb_rows])
     lambdas = policy.default_lambdas(recipe.lambdas.num, recipe.lambdas.low, recipe.lambdas.high)
     results = {}
     for r in routers:
-        name = "filtered" if r.config["filter"]["too_hard"] else "unfiltered"
-        results[name] = judge(r, held, emb, rows, recipe.cost, lambdas)
+        rr = held_out_rows(r, table)
+        emb = {k: emb_all[[emb_rows.index(i) for i in rr[k]]] for k in ("test", "val")}
+        results["filtered" if r.config["filter"]["too_hard"] else "unfiltered"] = judge(r, table, emb, rr, recipe.cost,
+                                                                                        lambdas)
+    main_name = "filtered" if recipe.filter.too_hard else "unfiltered"
+    fig = figures(results, main_name, recipe.cost)
     eval_dir = Path(check_output_path(recipe.eval_dir or d / "eval", "eval_dir"))
-    paths = write_eval(results, eval_dir, f"router on {len(rows)} held-out questions ({recipe.cost})")
+    paths = write_eval(results, fig, eval_dir, f"router on {len(rows['test'])} held-out questions ({recipe.cost})")
     print((eval_dir / "eval.txt").read_text(), file=out)
     print(f"wrote {paths['table']}, {paths['json']}, {paths['png']}", file=out)
-    fig = {f"{k}_{name}": v for name, res in results.items() for k, v in res["headline"].items()
-           if k in ("router_compute_ratio", "router_compute_ratio_1pt", "oracle_gain_share", "router_best_accuracy")}
-    main_name = "filtered" if recipe.filter.too_hard else "unfiltered"
-    fig.update(router_compute_ratio=results[main_name]["headline"]["router_compute_ratio"],
-               oracle_gain_share=results[main_name]["headline"]["oracle_gain_share"], cost=recipe.cost,
-               held_out=len(rows))
     print(json.dumps(fig, sort_keys=True), file=out)
     return 0
 

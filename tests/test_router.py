@@ -139,6 +139,70 @@ def test_pick_prefers_the_cheaper_arm_as_lambda_grows():
     assert o["accuracy"] == 1.0 and o["mean_cost"] == pytest.approx(2.5)
 
 
+def test_n1_arms_are_one_arm_and_do_not_inflate_the_oracle(tmp_path):
+    # every question: 4 completions, 2 right; at n = 1 any rule takes the one drawn completion: exactly 1/2
+    recs = [_record(f"p{i}", [_traj("5", True, 0.2), _traj("7", False, 0.9), _traj("5", True, 0.4),
+                              _traj("8", False, 0.6)]) for i in range(40)]
+    run = Run(tmp_path, "best_of_n", 4, {"n": 4}, 1, {r["id"]: r for r in recs})
+    t = build_table([run], draws=30, seed=0)
+    one = [j for j, a in enumerate(t.arms) if a.n == 1]
+    assert [t.arms[j].name for j in one] == ["best_of_n/maj@1"]          # was maj@1, naive@1, weighted@1
+    np.testing.assert_array_equal(t.labels[:, one[0]], 0.5)              # exact, no bootstrap noise
+    # three noisy copies of one procedure would lift the best-arm-per-question above 0.5 by noise alone
+    assert policy.oracle(t.labels[:, one], t.costs["flops"][:, one])["accuracy"] == 0.5
+    # a recipe may name the n = 1 arm under any rule
+    picked = build_table([run], draws=30, seed=0, arms=["best_of_n/weighted@1", "best_of_n/naive@1", "best_of_n/maj@2"])
+    assert [a.name for a in picked.arms] == ["best_of_n/maj@1", "best_of_n/maj@2"]
+
+
+def _patterned(Q=20):
+    """Three arms (costs 1, 4, 16) right on fixed question patterns: 0.6, 0.7, 0.8; the oracle is right on all."""
+    q = np.arange(Q)
+    acc = np.stack([np.isin(q % 5, (0, 1, 2)), np.isin(q % 10, (0, 1, 2, 3, 4, 5, 9)), q % 5 != 4], 1).astype(float)
+    return acc, np.tile([1.0, 4.0, 16.0], (Q, 1))
+
+
+def test_router_that_always_runs_the_best_fixed_arm_gains_nothing():
+    acc, cost = _patterned()
+    pred = np.tile([0.6, 0.7, 0.8], (len(acc), 1))        # predicts the dear arm best on every question
+    names = ["greedy/maj@1", "best_of_n/weighted@4", "best_of_n/weighted@16"]
+    lams = policy.default_lambdas(20)
+    h = policy.assess(names, np.array([1.0, 4.0, 16.0]), lams, (pred, acc, cost), (pred, acc, cost),
+                      (acc, cost))["headline"]
+    assert h["best_fixed_arm"] == "best_of_n/weighted@16" and h["router_accuracy"] == pytest.approx(0.8)
+    assert h["oracle_accuracy"] == 1.0 and h["greedy_accuracy"] == pytest.approx(0.6)
+    # measured from greedy (the old definition) this router "recovered" (0.8 - 0.6) / (1 - 0.6) = 0.5 of the gain
+    assert h["oracle_gain_share"] == pytest.approx(0.0) and h["router_minus_best_fixed"] == pytest.approx(0.0)
+    assert h["compute_ratio"] == pytest.approx(1.0) and h["compute_ratio_mixed"] == pytest.approx(1.0)
+    assert h["test_questions"] == 20 and h["matched_fixed_arm"] == "best_of_n/weighted@16"
+
+
+def test_lambda_and_best_fixed_arm_are_chosen_off_the_test_questions():
+    # two arms; the router's pick flips from the dear arm (small lambda) to the cheap one (lambda > ~0.107)
+    Q = 10
+    pred = np.tile([0.5, 0.6], (Q, 1))
+    cost = np.tile([1.0, 16.0], (Q, 1))
+    val_acc = np.tile([1.0, 0.0], (Q, 1))                 # validation: the cheap arm is right
+    test_acc = np.tile([0.0, 1.0], (Q, 1))                # test: the dear arm is right
+    out = policy.assess(["cheap", "dear"], np.array([1.0, 16.0]), policy.default_lambdas(20), (pred, val_acc, cost),
+                        (pred, test_acc, cost), (val_acc, cost))
+    h = out["headline"]
+    assert h["lambda"] > 0.1 and h["val_accuracy"] == 1.0
+    assert h["router_accuracy"] == 0.0 and h["router_cost"] == 1.0     # read on test at the validation's lambda
+    assert max(p["accuracy"] for p in out["curve"]) == 1.0             # the test curve's best point is not taken
+    # the best fixed arm comes from train + val (cheap), and is reported with its test accuracy
+    assert h["best_fixed_arm"] == "cheap" and h["best_fixed_accuracy"] == 0.0 and h["best_fixed_select_accuracy"] == 1.0
+
+
+def test_compute_ratio_against_the_fixed_arms_lower_envelope():
+    fixed = [{"arm": "a", "mean_cost": 0.5, "accuracy": 0.6}, {"arm": "b", "mean_cost": 4.0, "accuracy": 0.75},
+             {"arm": "c", "mean_cost": 16.0, "accuracy": 0.9}]
+    assert policy.envelope_cost(fixed, 0.7) == 4.0                      # the cheapest single arm reaching 0.7
+    assert policy.envelope_cost(fixed, 0.7, mixed=True) == pytest.approx(0.5 + (0.1 / 0.15) * 3.5)   # a/b mixture
+    assert policy.envelope_cost(fixed, 0.6, mixed=True) == 0.5
+    assert policy.envelope_cost(fixed, 0.95) is None and policy.envelope_cost(fixed, 0.95, mixed=True) is None
+
+
 @pytest.fixture(scope="module")
 def toy_records(ray_cluster, tmp_path_factory):
     """Real search records on the toy world: greedy and best-of-N (N=4) on 24 problems."""
@@ -165,17 +229,21 @@ def test_route_train_and_eval_end_to_end(toy_records, tmp_path, capsys):
         assert (out / f).is_file() and (out / "other" / f).is_file(), f
     arms = json.loads((out / "arms.json").read_text())["arms"]
     names = [a["name"] for a in arms]
-    assert "greedy/maj@1" in names and "best_of_n/weighted@4" in names and len(names) == 1 + 3 * 3
+    # greedy, best-of-N's one n = 1 arm, and three rules at n = 2 and 4
+    assert "greedy/maj@1" in names and "best_of_n/weighted@4" in names and len(names) == 1 + 1 + 3 * 2
     assert all(a["cost"]["flops"] > 0 and a["cost"]["computed_flops"] > 0 for a in arms)
     capsys.readouterr()
     assert route.main(["eval", *args]) == 0
     text = capsys.readouterr().out
     fig = json.loads(text.strip().splitlines()[-1])
-    assert fig["held_out"] == 6 and fig["cost"] == "flops"
-    assert {"router_compute_ratio_filtered", "router_compute_ratio_unfiltered", "oracle_gain_share"} <= set(fig)
-    assert "oracle (best arm/question)" in text
+    assert fig["test_questions"] == 6 and fig["cost"] == "flops" and fig["val_questions"] >= 1
+    assert {"router_accuracy", "router_cost", "best_fixed_arm", "best_fixed_accuracy", "oracle_accuracy",
+            "greedy_accuracy", "oracle_gain_share", "compute_ratio", "compute_ratio_mixed", "lambda",
+            "compute_ratio_unfiltered"} <= set(fig)
+    assert "oracle (best arm/question)" in text and "best fixed arm (train + val)" in text
     ev = json.loads((out / "eval" / "eval.json").read_text())
-    assert set(ev) == {"filtered", "unfiltered"}
+    assert set(ev) == {"figures", "variants"} and set(ev["variants"]) == {"filtered", "unfiltered"}
+    assert ev["figures"] == fig
     assert (out / "eval" / "router.png").stat().st_size > 10_000
     # the router loads back and predicts one probability per arm
     from app.router.router import Router

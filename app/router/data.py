@@ -12,12 +12,16 @@ a search run or a Ray Tune trial, is read the same way.
 whose completions are independent samples (`PARALLEL`: best-of-N, majority, greedy) gives an arm at every reported
 n = 1, 2, 4, ... N (the routing fork resamples its parallel arms from one 32-sample run); any other method (beam
 search, DVTS, REBASE, MCTS) gives arms at its own N only (the fork's beam arms). Where two runs give the same arm
-(a sweep ran best-of-N at N=4 and at N=16), the run with that exact N wins, else the larger run.
+(a sweep ran best-of-N at N=4 and at N=16), the run with that exact N wins, else the larger run. At n = 1 every
+selection rule takes the one completion, so a method's n = 1 arms are one procedure and one arm, `METHOD/maj@1`
+(maj needs no PRM score; `data.arms` may name it under any rule): three copies with independent bootstrap noise
+would each look like a different arm and lift the oracle (the best arm per question) by noise alone.
 
 **Soft label** of (question, arm): `draws` draws WITH replacement of min(n, completions) of the arm's run's
 completions; each draw is judged by the arm's selection rule (`app.search.select`, the record's aggregation); the
-label is the mean correctness of the chosen answers. Answers are grouped for the votes as the run grouped them:
-every correct answer is one class (they are all equivalent to the gold answer), wrong ones by exact string (a run
+label is the mean correctness of the chosen answers; where one completion is drawn (n = 1, or a record of one) the
+label is exact, the share of right completions, with no bootstrap noise. Answers are grouped for the votes as the
+run grouped them: every correct answer is one class (they are all equivalent to the gold answer), wrong ones by exact string (a run
 with `grouping: exact` groups all of them by string). The random numbers are seeded per question and arm
 (`seed`, the question's id, the arm's name), never by file order: labels do not depend on the order records are
 read in (the fork runs one `default_rng(42)` through the problems in file order).
@@ -48,6 +52,7 @@ from app.search.results import SHARD_GLOB, read_records
 from app.search.select import aggregate, budgets, select_majority, select_naive, select_weighted
 
 PARALLEL = ("best_of_n", "majority", "greedy")
+ONE_SAMPLE_RULE = "maj"    # the rule that names a method's single n = 1 arm (every rule picks the one completion)
 COST_KEYS = ("flops", "computed_flops", "tokens", "computed_tokens", "seconds")
 
 
@@ -79,6 +84,10 @@ class Arm:
         """What the one-hot feature names: the method and its selection rule."""
         return f"{self.method}/{self.rule}"
 
+    def canonical(self) -> "Arm":
+        """The arm under its one name: at n = 1 every rule is the same procedure (`METHOD/maj@1`)."""
+        return Arm(self.method, ONE_SAMPLE_RULE, 1) if self.n == 1 else self
+
     @classmethod
     def parse(cls, name: str) -> "Arm":
         try:
@@ -109,7 +118,8 @@ class Run:
         for rec in self.records.values():
             rules += [r for r in rec.get("selection", {}) if r not in rules]
         ns = [1] if self.method == "greedy" else (budgets(self.N, self.group_size) if self.parallel else [self.N])
-        return [Arm(self.method, r, n) for r in rules for n in ns]
+        arms = [Arm(self.method, r, n).canonical() for r in rules for n in ns]
+        return list(dict.fromkeys(arms))     # one n = 1 arm, not one per rule
 
 
 def find_run_dirs(paths: Iterable[str | Path]) -> list[Path]:
@@ -201,10 +211,12 @@ def soft_label(record: dict, arm: Arm, draws: int, rng: np.random.Generator, exa
     trajs = record.get("trajectories") or []
     if not trajs:
         return 0.0
+    size = min(arm.n, len(trajs))
+    if size == 1:        # one completion drawn: every rule takes it, so the expectation is exact
+        return float(np.mean([bool(t.get("correct")) and t.get("answer") is not None for t in trajs]))
     exact = record.get("grouping") == "exact" if exact is None else exact
     classes = answer_classes(trajs, exact)
     aggs = _aggs(trajs, record.get("agg_strategy") or "last") if arm.rule != "maj" else None
-    size = min(arm.n, len(trajs))
     idx = rng.integers(0, len(trajs), size=(draws, size))
     hits = 0
     for row in idx:
@@ -253,7 +265,7 @@ def build_table(runs: Sequence[Run], draws: int = 30, seed: int = 0, arms: Seque
     solved (the others are listed in `dropped`)."""
     sources = pick_sources(runs)
     if arms:
-        wanted = [Arm.parse(a) for a in arms]
+        wanted = list(dict.fromkeys(Arm.parse(a).canonical() for a in arms))
         missing = [a.name for a in wanted if a not in sources]
         if missing:
             raise ConfigError(f"data.arms: no run gives {', '.join(missing)} (available: "

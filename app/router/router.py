@@ -2,12 +2,14 @@
 
     folder/  model.safetensors (the MLP)   features.safetensors (PCA + scaler)   arms.json (each arm: method, rule,
              n, its run's config, its measured mean cost on the training questions)   config.yaml (the recipe)
-             split.json (the questions of train / val / test, and those the filter dropped)   history.json
+             split.json (the questions of train / val / test, those the filter dropped, and val_all: every
+             validation question, the filter's drops included)   history.json
 
     router = fit(table, emb, split, recipe, filtered=True)     # emb: [Q, E] embeddings of table.questions
     router.save(folder); router = Router.load(folder)
     pred = router.predict(emb_q, questions)                    # [Q, A] predicted accuracy per arm
-    result = evaluate(router, table, emb, split.test, recipe)  # curve over lambda, fixed arms, oracle, headline
+    rows = held_out_rows(router, table)                        # test / val / select (train + val) rows of table
+    result = evaluate(router, table, emb, rows, "flops", lambdas)   # policy.assess's figures, lambda chosen on val
 
 Embeddings come in as numpy (the job computes them through `actors.encoder`), so this module needs no actor.
 """
@@ -103,21 +105,48 @@ def fit(table: LabelTable, emb: np.ndarray, split: Split, recipe: RouteRecipe, f
     config["filter"]["too_hard"] = filtered
     ids = table.ids
     split_ids = {"train": [ids[i] for i in train], "val": [ids[i] for i in val], "test": [ids[i] for i in split.test],
-                 "dropped_too_hard": [ids[i] for i in dropped]}
+                 "dropped_too_hard": [ids[i] for i in dropped], "val_all": [ids[i] for i in split.val]}
     return Router(list(table.arms), arm_table(table, split.train), feats, model, config, split_ids, history)
 
 
-def evaluate(router: Router, table: LabelTable, emb: np.ndarray, rows: Sequence[int], cost_key: str,
-             lambdas: Sequence[float]) -> dict[str, Any]:
-    """The router's accuracy vs mean cost over `lambdas` on `rows` (held-out), every fixed arm, the oracle."""
+def held_out_rows(router: Router, table: LabelTable) -> dict[str, list[int]]:
+    """Rows of `table` for judging `router`: `test` (its held-out questions), `val` (its validation questions, the
+    too-hard filter's drops included: lambda is chosen on them), `select` (every other question: train + val, where
+    the best fixed arm is chosen). A held-out question missing from the records is a ConfigError."""
+    from app.config import ConfigError
+
+    index = {pid: i for i, pid in enumerate(table.ids)}
+    split = router.split or {}
+    test = split.get("test") or []
+    missing = [pid for pid in test if pid not in index]
+    if missing or not test:
+        raise ConfigError(f"data.records: {len(missing)} held-out questions of the router are not in the records "
+                          f"(e.g. {(missing or ['(no split.json)'])[0]}); evaluate on the records it was trained on")
+    val = [index[pid] for pid in split.get("val_all", split.get("val", [])) if pid in index]
+    if not val:
+        raise ConfigError("data.records: none of the router's validation questions is in the records; lambda is "
+                          "chosen on them: evaluate on the records it was trained on")
+    held = {index[pid] for pid in test}
+    return {"test": [index[pid] for pid in test], "val": val,
+            "select": [i for i in range(len(table.ids)) if i not in held]}
+
+
+def evaluate(router: Router, table: LabelTable, emb: dict[str, np.ndarray], rows: dict[str, list[int]],
+             cost_key: str, lambdas: Sequence[float]) -> dict[str, Any]:
+    """`policy.assess` on `rows` (from `held_out_rows`); `emb`: "test" and "val" -> embeddings of those rows."""
+    from app.config import ConfigError
+
     names = [a.name for a in table.arms]
     if names != [a.name for a in router.arms]:
-        raise ValueError("the router was trained on other arms than these records give; retrain it")
-    r = list(rows)
-    acc, cost_q = table.labels[r], table.costs[cost_key][r]
-    pred = router.predict(emb[r], [table.questions[i] for i in r])
-    points = policy.router_curve(pred, acc, cost_q, router.arm_cost(cost_key), lambdas)
-    fixed = policy.fixed_arms(acc, cost_q, names)
-    best = policy.oracle(acc, cost_q)
-    return {"cost": cost_key, "questions": len(r), "curve": points, "fixed": fixed, "oracle": best,
-            "headline": policy.headline(points, fixed, best)}
+        raise ConfigError(f"router: trained on other arms than these records give ({len(router.arms)} vs "
+                          f"{len(names)}); retrain it with `ponder route train` on these records")
+    cost = table.costs[cost_key]
+
+    def part(key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        r = rows[key]
+        return router.predict(emb[key], [table.questions[i] for i in r]), table.labels[r], cost[r]
+
+    sel = rows["select"]
+    out = policy.assess(names, router.arm_cost(cost_key), lambdas, part("val"), part("test"),
+                        (table.labels[sel], cost[sel]))
+    return {"cost": cost_key, "questions": len(rows["test"]), **out}
