@@ -9,9 +9,12 @@ import functools
 import json
 
 import pytest
+import yaml
 
 import jobs.search as job
 from actors.pools import Pools
+from app.config import build_config
+from app.search.recipe import SearchRecipe
 from jobs import report
 from tests.job_helpers import lines, summary_of
 from tests.scripted import ScriptedPolicy, ScriptedPool, ScriptedPRM
@@ -124,6 +127,21 @@ def test_config_errors_are_one_line(tmp_path, capsys):
     assert job.main(["--config", "toy/beam_search", "prm.format=toy-checker", f"data.source={recipe}"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "prm.format: toy-checker judges toy questions only" in err
+
+
+def test_model_aggregation_with_a_math_shepherd_prm_is_refused_before_ray(tmp_path, capsys, monkeypatch):
+    """agg_strategy `model` hands the PRM one step holding blank lines, which Math-Shepherd's layout tags as steps:
+    refused at validation in one line naming both keys, before Ray starts."""
+    monkeypatch.setattr(job, "init_ray", lambda *a, **k: pytest.fail("Ray started"))
+    recipe, _ = write_recipe(tmp_path, "particle_filter", {"n": 2})  # agg_strategy: model is the default
+    assert job.main(["--config", str(recipe), "prm.format=math-shepherd"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "search.agg_strategy: model" in err and "prm.format: math-shepherd" in err
+    # the same recipe with a per-step aggregation validates
+    data = yaml.safe_load(recipe.read_text())
+    data["prm"]["format"] = "math-shepherd"
+    data["search"]["agg_strategy"] = "last"
+    assert build_config(SearchRecipe, data).search.agg_strategy == "last"
 
 
 def test_bench_search_target_with_scripted_pools(ray_cluster, tmp_path, scripted_pools, monkeypatch, capsys):

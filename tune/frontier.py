@@ -1,42 +1,67 @@
-"""The compute-optimal frontier of a sweep (`ponder frontier SWEEP_DIR`, also run at the end of `ponder tune`).
+"""The compute-optimal frontier of a sweep, measured as Snell et al. measure it (`ponder frontier SWEEP_DIR`, also
+run at the end of `ponder tune`).
 
-Reads every trial's records under SWEEP_DIR/trials (the `ponder search` format; `tune.sweep` writes them) and, per
-difficulty bin (the problems' `level`: toy, MATH; or `oracle`: quantiles of the policy's own pass@1 on the
-problem, Snell et al.'s oracle difficulty, estimated from the sweep's largest independent-sample run) and over all
-problems:
+Reads every trial's records under SWEEP_DIR/trials (the `ponder search` format; `tune.sweep` writes them). Problems
+fall in difficulty bins: their `level` (toy, MATH) or `oracle`: quantiles of the policy's own pass@1 on the problem
+(Snell et al.'s oracle difficulty, estimated from the sweep's largest independent-sample run). A strategy is a
+method + its parameters + a selection rule; its accuracy at budget n is:
 
-- accuracy against compute for every strategy (method + parameters + selection rule; one curve each, N along it),
-  compute being the mean per problem, nominal FLOPs (what the papers count) and computed FLOPs (what the engines
-  ran after their prefix caches) both;
-- the compute-optimal strategy per bin and budget N (highest accuracy at that N; ties: less compute), and the
-  frontier: the points no cheaper point beats;
-- `compute_saving`: take the accuracy the baseline (best-of-N, weighted) reaches at its largest budget; in each
-  bin, the least compute any strategy at any N needs to reach it there, against the baseline's; overall, the
-  least compute of a per-bin choice (each bin its own strategy and N, the bin known, as Snell et al.'s
-  compute-optimal scaling) whose overall accuracy reaches the baseline's overall accuracy. Always >= 1 (the
-  baseline is a candidate); `compute_saving_single` is the same with one strategy for every bin.
+- for a method run once per budget (greedy, beam search, DVTS, particle filtering, REBASE, MCTS): the record's
+  choice at its own N, right or wrong;
+- for a subsampled method (best-of-N, majority: `subsampled` in trial.json, run once at their largest N), the
+  EXPECTED accuracy over random n-subsets of the run's N completions (`expected_correct`: every subset where there
+  are at most `subset_draws` of them, else that many seeded random ones, each judged by the rule as the router's
+  soft labels are, `app.router.data.choose`); at n = N the record's own choice. No single draw decides: best-of-N
+  and majority at n = 1 are both pass@1. Compute at n: the prompt once, n/N of the generated and PRM tokens (a
+  random n-subset's expected share), FLOPs in proportion. Compute is the mean per problem, nominal FLOPs (what the
+  papers count) and computed FLOPs (what the engines ran after their prefix caches), each its own table.
 
-Writes frontier.json, frontier.md (the tables, also printed) and frontier_nominal.png / frontier_computed.png
-(one panel per bin plus the overall frontier; log compute axis).
+**Baseline**: best-of-N (`baseline`, rule `baseline_rule`: weighted) and its lower envelope
+`C_bon(a) = min compute of best-of-N at any n whose accuracy reaches a`.
 
-Best-of-N and majority run once at their largest N (`subsampled` in trial.json, `tune.sweep.SUBSAMPLED`): their accuracy at n is the records'
-selection at n (the first n completions), and their compute at n is estimated from the same run: the generated
-tokens of the first n completions exactly, the prompt once (one request), PRM tokens as the first n completions'
-share of them, FLOPs and seconds in proportion.
+**Compute-optimal, held out** (Snell et al.'s two-fold cross-validation, repeated): `cv_repeats` times, split every
+bin's problems at random into halves (stratified two-fold); on each fold, in each bin and at each budget N, choose
+the strategy at N with the highest accuracy on the training half (ties: less compute) and score it on the other
+half. The bins combine by their test problems, each bin keeping its own choice at N, so no bin's accuracy is ever
+traded for another's. That gives a held-out curve (compute, accuracy) per N and
+`C_opt(a) = min compute of that held-out curve reaching a` (infinite where it never does).
+
+**compute_saving** is a curve: on each fold, at each best-of-N budget n, `a` = best-of-N's accuracy at n on the test
+half and `saving(a) = C_bon(a) / C_opt(a)` (0 where the held-out choice never reaches a; left out where a = 0);
+reported as the median over the 2 x cv_repeats folds with its 10th-90th percentile spread. The ONE summary figure,
+`compute_saving`, is that curve at best-of-N's largest N (its best accuracy): the median over folds, with
+`compute_saving_spread` [10th, 90th percentile] and `reached` (the share of folds where the held-out choice reached
+that accuracy at all). Per bin it is the same within the bin; `compute_saving_single` chooses one strategy for
+every bin. A sweep whose only strategy is best-of-N gets exactly 1.0 at every accuracy; one with a second strategy
+as accurate as best-of-N at every n for 1/k of its compute gets k. Each fold scores about half the problems: with
+K problems one test problem moves a fold's accuracy by about 2/K.
+
+Writes frontier.json, frontier.md (the tables, also printed) and frontier_nominal.png / frontier_computed.png (one
+panel per bin: every strategy's in-sample curve, faint, and the held-out compute-optimal curve beside best-of-N's,
+plus the compute_saving curve; log compute axis).
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
+from collections import Counter
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
+import numpy as np
+
+from app.router.data import answer_classes, choose, derive_rng
 from app.search.results import read_run
+from app.search.select import aggregate
 
 COMPUTE_KEYS = ("flops", "computed_flops", "prompt_tokens", "generated_tokens", "prm_tokens", "computed_prompt_tokens",
                 "computed_generated_tokens", "computed_prm_tokens", "seconds")
 KINDS = {"nominal": "flops", "computed": "computed_flops"}
 RULE_ORDER = ("naive", "weighted", "maj")
+SUBSET_DRAWS = 256     # n-subsets judged per problem, rule and n (all of them where there are no more)
+CV_REPEATS = 50        # repeats of the stratified two-fold split
+EPS = 1e-9
 
 
 # ---------------------------------------------------------------- one trial
@@ -48,15 +73,16 @@ def _get(c: dict, k: str) -> float | None:
 
 
 def compute_at(rec: dict, n: int) -> dict[str, float | None]:
-    """A record's compute (the COMPUTE_KEYS; None where it does not report one), at n <= its N completions."""
+    """A record's compute (the COMPUTE_KEYS; None where it does not report one), at n <= its N completions: for
+    n < N what a random n-subset of the completions costs on average (the prompt once, n/N of the rest)."""
     c = rec.get("compute") or {}
     vals = {k: _get(c, k) for k in COMPUTE_KEYS}
     trajs = rec.get("trajectories") or []
     N = len(trajs) or int(rec.get("N") or 1)
     if n >= N:
         return vals
-    toks = [int(t.get("tokens") or 0) for t in trajs]
-    gen_N, gen_n = sum(toks), sum(toks[:n])
+    gen_N = float(sum(int(t.get("tokens") or 0) for t in trajs))
+    gen_n = gen_N * n / N  # a random n-subset's expected share
     gshare = gen_n / gen_N if gen_N else n / N
     prompt = _get(c, "prompt_tokens") or 0.0
     pshare = (prompt + gen_n) / (prompt + gen_N) if prompt + gen_N else n / N
@@ -179,45 +205,156 @@ def _oracle_bins(trials: list[dict], plan: dict[str, Any], k: int) -> dict[str, 
     return {pid: str(1 + i * k // len(order)) for i, pid in enumerate(order)}
 
 
-def _pareto(points: list[dict], key: str) -> list[dict]:
-    """The points that no point of less (or equal) compute beats on accuracy, by compute."""
-    pts = sorted((p for p in points if p.get(key) is not None), key=lambda p: (p[key], -p["accuracy"]))
-    out, best = [], -1.0
-    for p in pts:
-        if p["accuracy"] > best + 1e-12:
-            out.append(p)
-            best = p["accuracy"]
+# ---------------------------------------------------------------- accuracy at n, expected over n-subsets
+
+
+def _subsets(N: int, n: int, draws: int, rng: np.random.Generator) -> list[list[int]]:
+    """Every n-subset of range(N) where there are at most `draws`, else `draws` random ones (each sorted)."""
+    if math.comb(N, n) <= draws:
+        return [list(c) for c in itertools.combinations(range(N), n)]
+    return [sorted(int(i) for i in rng.choice(N, size=n, replace=False)) for _ in range(draws)]
+
+
+def expected_correct(rec: dict, rule: str, n: int, draws: int = SUBSET_DRAWS, seed: int = 0) -> float:
+    """The rule's accuracy on this problem at n, expected over random n-subsets of the record's N completions (in
+    the run's order, so ties break as the run breaks them); at n >= N, the record's own choice. Without step scores
+    (a rule that needs them) it falls back to the record's choice at n."""
+    trajs = rec.get("trajectories") or []
+    N = len(trajs)
+    if N == 0 or n >= N:
+        return float(correct_at(rec, n).get(rule, False))
+    aggs = None
+    if rule != "maj":
+        if not all(t.get("scores") for t in trajs):
+            return float(correct_at(rec, n).get(rule, False))
+        aggs = [aggregate(t["scores"], rec.get("agg_strategy") or "last") for t in trajs]
+    classes = answer_classes(trajs, rec.get("grouping") == "exact")
+    subs = _subsets(N, n, draws, derive_rng(seed, str(rec["id"]), f"{rule}@{n}"))
+    hits = 0
+    for idx in subs:
+        j = choose(rule, idx, classes, aggs)
+        hits += bool(j is not None and trajs[j].get("correct"))
+    return hits / len(subs)
+
+
+# ---------------------------------------------------------------- the held-out frontier
+
+
+def _mean(x: np.ndarray, axis: int = 0) -> np.ndarray:
+    """nanmean without the all-NaN warning (NaN stays NaN)."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.nansum(x, axis=axis) / np.sum(~np.isnan(x), axis=axis)
+
+
+def _choose(A: np.ndarray, C: np.ndarray, rows: np.ndarray, cand: Sequence[int]) -> int:
+    """The column among `cand` with the highest mean accuracy over `rows` (ties: the least mean compute)."""
+    acc = A[np.ix_(rows, cand)].mean(0) if len(rows) else np.zeros(len(cand))
+    cost = _mean(C[np.ix_(rows, cand)]) if len(rows) else np.zeros(len(cand))
+    cost = np.where(np.isnan(cost), np.inf, cost)
+    best = max(range(len(cand)), key=lambda k: (round(float(acc[k]), 9), -float(cost[k]), -k))
+    return cand[best]
+
+
+def envelope(curve: Sequence[tuple[float, float]], a: float) -> float:
+    """min compute over the (accuracy, compute) points whose accuracy reaches a; inf where none does."""
+    costs = [c for acc, c in curve if acc >= a - EPS and not math.isnan(c)]
+    return min(costs) if costs else math.inf
+
+
+def _split(bins: dict[str, np.ndarray], rng: np.random.Generator, P: int) -> np.ndarray:
+    """A stratified two-fold split: True for the first half of every bin (odd bins: the extra one at random)."""
+    first = np.zeros(P, bool)
+    for ib in bins.values():
+        perm = rng.permutation(ib)
+        half = len(ib) // 2 + (int(rng.integers(2)) if len(ib) % 2 else 0)
+        first[perm[:half]] = True
+    return first
+
+
+def _fold(A, C, groups, ns, cols_by_n, base_cols, train, test) -> dict:
+    """One fold: per group (a name -> bins making it up), the held-out curve per N (the choice per bin made on the
+    training rows, scored on the test rows), best-of-N's curve on the test rows, and the saving at each of its n."""
+    out = {}
+    for g, bins in groups.items():
+        rows = np.concatenate(list(bins.values()))
+        test_rows = rows[test[rows]]
+        held, choices = [], {}
+        for N in ns:
+            hits, costs, pick = 0.0, [], {}
+            for b, ib in bins.items():
+                tr, te = ib[train[ib]], ib[test[ib]]
+                j = _choose(A, C, tr if len(tr) else ib[~test[ib]], cols_by_n[N])
+                pick[b] = j
+                hits += float(A[te, j].sum())
+                costs.append(C[te, j])
+            cost = _mean(np.concatenate(costs)) if len(test_rows) else math.nan
+            held.append((hits / len(test_rows) if len(test_rows) else 0.0, float(cost)))
+            choices[N] = pick
+        bon = [(float(A[test_rows, j].mean()) if len(test_rows) else 0.0, float(_mean(C[test_rows, j])))
+               for j in base_cols]
+        saving = []
+        for a, _ in bon:
+            if a <= EPS:
+                saving.append(math.nan)  # nothing to match
+                continue
+            co = envelope(held, a)
+            saving.append(0.0 if math.isinf(co) else envelope(bon, a) / co)
+        out[g] = {"held": held, "bon": bon, "saving": saving, "choices": choices, "test": len(test_rows)}
     return out
 
 
-def _per_bin_optimum(bins: dict[str, list[dict]], sizes: dict[str, int], key: str, target_correct: float) -> dict | None:
-    """The per-bin choice (one point per bin) with least total compute whose correct count reaches the target:
-    an exact merge of the bins' Pareto sets (states: (correct, compute, choice))."""
-    total = sum(sizes.values())
-    states: list[tuple[float, float, dict]] = [(0.0, 0.0, {})]
-    for b, pts in bins.items():
-        cand = _pareto(pts, key)
-        if not cand:
-            return None
-        merged = [(c + round(p["accuracy"] * sizes[b]), w + p[key] * sizes[b], {**ch, b: p})
-                  for c, w, ch in states for p in cand]
-        merged.sort(key=lambda s: (s[1], -s[0]))
-        states, best = [], -1.0
-        for s in merged:
-            if s[0] > best:
-                states.append(s)
-                best = s[0]
-    ok = [s for s in states if s[0] >= target_correct - 1e-9]
-    if not ok:
-        return None
-    c, w, choice = min(ok, key=lambda s: s[1])
-    return {"accuracy": c / total, "compute": w / total,
-            "choice": {b: {"strategy": p["strategy"], "N": p["N"], "accuracy": p["accuracy"], "compute": p[key]}
-                       for b, p in choice.items()}}
+def _stats(x: Sequence[float]) -> dict:
+    v = np.array([y for y in x if not math.isnan(y)], float)
+    if not len(v):
+        return {"median": None, "q10": None, "q90": None, "folds": 0, "reached": None}
+    return {"median": float(np.median(v)), "q10": float(np.percentile(v, 10)), "q90": float(np.percentile(v, 90)),
+            "folds": len(v), "reached": float((v > 0).mean())}
+
+
+def cross_validate(A: np.ndarray, C: np.ndarray, cols: list[dict], base_cols: list[int],
+                   bins: dict[str, np.ndarray], repeats: int = CV_REPEATS, seed: int = 0) -> dict:
+    """The held-out frontier of one compute kind (A: problems x columns accuracy, C: their compute, NaN where a
+    problem has no record): per bin, over all bins (each its own choice), and `single` (one choice for all)."""
+    P = A.shape[0]
+    ns = sorted({c["N"] for c in cols})
+    cols_by_n = {N: [j for j, c in enumerate(cols) if c["N"] == N] for N in ns}
+    allrows = np.arange(P)
+    groups = {"all": bins, **{b: {b: ib} for b, ib in bins.items()}, "single": {"all": allrows}}
+    rng = np.random.default_rng(seed)
+    folds = []
+    for _ in range(repeats):
+        first = _split(bins, rng, P)
+        for test in (~first, first):
+            folds.append(_fold(A, C, groups, ns, cols_by_n, base_cols, ~test, test))
+    base_ns = [cols[j]["N"] for j in base_cols]
+    out = {}
+    for g in groups:
+        fs = [f[g] for f in folds]
+        held = [{"N": N,
+                 "accuracy": float(np.mean([f["held"][i][0] for f in fs])),
+                 "accuracy_sd": float(np.std([f["held"][i][0] for f in fs])),
+                 "compute": float(_mean(np.array([f["held"][i][1] for f in fs]))),
+                 "choice": (dict(Counter(cols[next(iter(f["choices"][N].values()))]["strategy"] for f in fs)
+                                 .most_common()) if len(groups[g]) == 1 else {})}
+                for i, N in enumerate(ns)]
+        curve = [{"N": n,
+                  "accuracy": float(np.mean([f["bon"][i][0] for f in fs])),
+                  "compute": float(_mean(np.array([f["bon"][i][1] for f in fs]))),
+                  "saving": _stats([f["saving"][i] for f in fs])}
+                 for i, n in enumerate(base_ns)]
+        top = curve[-1]["saving"] if curve else _stats([])
+        out[g] = {"test_problems": float(np.mean([f["test"] for f in fs])), "held_out": held, "curve": curve,
+                  "compute_saving": top["median"], "compute_saving_spread": [top["q10"], top["q90"]],
+                  "reached": top["reached"]}
+    return out
+
+
+# ---------------------------------------------------------------- the sweep
 
 
 def build(sweep_dir: str | Path, bins: str | None = None, oracle_bins: int | None = None,
-          rules: list[str] | None = None, baseline: str | None = None, baseline_rule: str | None = None) -> dict:
+          rules: list[str] | None = None, baseline: str | None = None, baseline_rule: str | None = None,
+          cv_repeats: int | None = None, subset_draws: int | None = None, seed: int | None = None) -> dict:
     """The frontier data (what frontier.json holds); options default to the sweep recipe's `frontier:` section."""
     sweep_dir = Path(sweep_dir)
     opts = sweep_options(sweep_dir)
@@ -226,6 +363,9 @@ def build(sweep_dir: str | Path, bins: str | None = None, oracle_bins: int | Non
     rules = rules or opts.get("rules", ["weighted"])
     baseline = baseline or opts.get("baseline", "best_of_n")
     baseline_rule = baseline_rule or opts.get("baseline_rule", "weighted")
+    cv_repeats = cv_repeats or opts.get("cv_repeats", CV_REPEATS)
+    subset_draws = subset_draws or opts.get("subset_draws", SUBSET_DRAWS)
+    seed = opts.get("seed", 0) if seed is None else seed
     dirs = _trial_dirs(sweep_dir)
     if not dirs:
         raise FileNotFoundError(f"{sweep_dir} holds no trials (trials/*/); run `ponder tune` first")
@@ -241,70 +381,80 @@ def build(sweep_dir: str | Path, bins: str | None = None, oracle_bins: int | Non
     else:
         bin_of = {pid: f"level {lvl}" for pid, lvl in plan.items()}
     names = sorted(set(bin_of.values()), key=lambda s: (len(s), s))
-    members = {"all": list(plan), **{b: [p for p in plan if bin_of[p] == b] for b in names}}
+    pids = list(plan)
+    row = {pid: i for i, pid in enumerate(pids)}
+    members = {"all": pids, **{b: [p for p in pids if bin_of[p] == b] for b in names}}
 
-    # points: one per (strategy + rule, N), per bin
-    points: dict[str, list[dict]] = {b: [] for b in members}
+    # columns: one per (strategy + rule, N); per problem its accuracy (expected over n-subsets where subsampled)
+    cols: list[dict] = []
+    acc_cols: list[np.ndarray] = []
+    cost_cols: dict[str, list[np.ndarray]] = {k: [] for k in COMPUTE_KEYS}
     strategies: list[str] = []
     base_label = None
     for t in trials:
         info = t["info"]
-        have = sorted({r for rows in t["rows"].values() for row in rows.values() for r in row["correct"]},
+        have = sorted({r for rows in t["rows"].values() for row_ in rows.values() for r in row_["correct"]},
                       key=RULE_ORDER.index)
         use = [r for r in rules if r in have] or have
         if info.get("method") == baseline and baseline_rule in have and base_label is None:
             base_label = f"{info['strategy']} {baseline_rule}"
             if baseline_rule not in use:
                 use.append(baseline_rule)
+        recs = {r["id"]: r for r in t["records"]}
         for rule in use:
             label = f"{info['strategy']} {rule}"
             if label not in strategies:
                 strategies.append(label)
-            for n, rows in t["rows"].items():
-                for b, ids in members.items():
-                    s = summarize_rows(rows, ids, t["failed"])
-                    points[b].append({"strategy": label, "method": info.get("method"), "rule": rule, "N": n,
-                                      "accuracy": s["accuracy"].get(rule, 0.0), "trial": info.get("name"),
-                                      **{k: s["compute"][k] for k in COMPUTE_KEYS}})
+            for n, rows in sorted(t["rows"].items()):
+                acc = np.zeros(len(pids))
+                cost = {k: np.full(len(pids), np.nan) for k in COMPUTE_KEYS}
+                for pid, r in rows.items():
+                    if pid not in row:
+                        continue
+                    acc[row[pid]] = (expected_correct(recs[pid], rule, n, subset_draws, seed) if info.get("subsampled")
+                                     else float(bool(r["correct"].get(rule))))
+                    for k in COMPUTE_KEYS:
+                        if r["compute"].get(k) is not None:
+                            cost[k][row[pid]] = r["compute"][k]
+                cols.append({"strategy": label, "method": info.get("method"), "rule": rule, "N": n,
+                             "trial": info.get("name"), "subsampled": bool(info.get("subsampled"))})
+                acc_cols.append(acc)
+                for k in COMPUTE_KEYS:
+                    cost_cols[k].append(cost[k])
+    A = np.stack(acc_cols, 1) if acc_cols else np.zeros((len(pids), 0))
+    Cs = {k: np.stack(v, 1) if v else np.zeros((len(pids), 0)) for k, v in cost_cols.items()}
+
+    # in-sample points (what each strategy does on all the problems of a bin; no choice made on them)
+    points: dict[str, list[dict]] = {}
+    for b, ids in members.items():
+        ix = np.array([row[p] for p in ids], int)
+        points[b] = [{**c, "accuracy": float(A[ix, j].mean()) if len(ix) else 0.0,
+                      **{k: (None if np.all(np.isnan(Cs[k][ix, j])) else float(_mean(Cs[k][ix, j])))
+                         for k in COMPUTE_KEYS}}
+                     for j, c in enumerate(cols)]
     sizes = {b: len(ids) for b, ids in members.items()}
+    base_cols = sorted((j for j, c in enumerate(cols) if c["strategy"] == base_label), key=lambda j: cols[j]["N"])
     out: dict[str, Any] = {"sweep": str(sweep_dir), "bins": bins, "bin_names": ["all", *names], "sizes": sizes,
-                           "strategies": strategies, "baseline": base_label, "points": points, "kinds": {}}
+                           "strategies": strategies, "baseline": base_label, "points": points,
+                           "cv": {"repeats": cv_repeats, "folds": 2 * cv_repeats, "seed": seed,
+                                  "subset_draws": subset_draws}, "kinds": {}}
+    bin_rows = {b: np.array([row[p] for p in members[b]], int) for b in names}
     for kind, key in KINDS.items():
-        if not any(p.get(key) is not None for p in points["all"]):
+        if not any(p.get(key) is not None for p in points["all"]) or not base_cols:
             continue
+        cv = cross_validate(A, Cs[key], cols, base_cols, bin_rows, cv_repeats, seed)
         k_out: dict[str, Any] = {"key": key, "bins": {}}
-        for b in members:
-            pts = [p for p in points[b] if p.get(key) is not None]
-            best: dict[int, dict] = {}
-            for p in pts:
-                cur = best.get(p["N"])
-                if cur is None or (p["accuracy"], -p[key]) > (cur["accuracy"], -cur[key]):
-                    best[p["N"]] = p
-            entry: dict[str, Any] = {
-                "optimal_by_budget": {str(n): {"strategy": p["strategy"], "accuracy": p["accuracy"], "compute": p[key]}
-                                      for n, p in sorted(best.items())},
-                "frontier": [{"strategy": p["strategy"], "N": p["N"], "accuracy": p["accuracy"], "compute": p[key]}
-                             for p in _pareto(pts, key)],
-            }
-            base = [p for p in pts if p["strategy"] == base_label]
-            if base:
-                bp = max(base, key=lambda p: p["N"])
-                reach = [p for p in pts if p["accuracy"] >= bp["accuracy"] - 1e-12]
-                op = min(reach, key=lambda p: (p[key], -p["accuracy"]))
-                entry["baseline"] = {"strategy": bp["strategy"], "N": bp["N"], "accuracy": bp["accuracy"],
-                                     "compute": bp[key]}
-                entry["optimal"] = {"strategy": op["strategy"], "N": op["N"], "accuracy": op["accuracy"],
-                                    "compute": op[key]}
-                entry["compute_saving"] = bp[key] / op[key] if op[key] else None
-            k_out["bins"][b] = entry
-        allb = k_out["bins"]["all"]
-        if "baseline" in allb and names:
-            allb["compute_saving_single"] = allb.get("compute_saving")
-            per = _per_bin_optimum({b: [p for p in points[b] if p.get(key) is not None] for b in names},
-                                   {b: sizes[b] for b in names}, key, allb["baseline"]["accuracy"] * sizes["all"])
-            if per is not None:
-                allb["per_bin_optimal"] = per
-                allb["compute_saving"] = allb["baseline"]["compute"] / per["compute"] if per["compute"] else None
+        for b in ["all", *names]:
+            e = cv[b]
+            top = e["curve"][-1]
+            e["baseline"] = {"strategy": base_label, "N": top["N"], "accuracy": top["accuracy"],
+                             "compute": top["compute"]}
+            k_out["bins"][b] = e
+        single = cv["single"]
+        k_out["bins"]["all"].update({"compute_saving_single": single["compute_saving"],
+                                     "compute_saving_single_spread": single["compute_saving_spread"],
+                                     "reached_single": single["reached"], "held_out_single": single["held_out"],
+                                     "curve_single": single["curve"]})
         out["kinds"][kind] = k_out
     out["counts"] = {"problems": len(plan), "failed": len(failed)}
     return out
@@ -314,12 +464,23 @@ def build(sweep_dir: str | Path, bins: str | None = None, oracle_bins: int | Non
 
 
 def _flops(x: float | None) -> str:
-    if x is None:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
         return "-"
     for unit, div in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if abs(x) >= div:
             return f"{x / div:.3g} {unit}"
     return f"{x:.3g}"
+
+
+def _x(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2f}x"
+
+
+def _saving(s: dict) -> str:
+    """median [q10, q90] of a saving over the folds."""
+    if s.get("median") is None:
+        return "-"
+    return f"{s['median']:.2f}x [{s['q10']:.2f}, {s['q90']:.2f}]"
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -328,54 +489,70 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 
 def format_tables(data: dict) -> str:
-    """frontier.md: per compute kind, compute_saving per bin, the compute-optimal strategy per bin and N; then
-    every strategy's accuracy and compute."""
+    """frontier.md: per compute kind, the held-out compute_saving per bin, the saving curve over best-of-N's
+    accuracies, the held-out compute-optimal curve beside best-of-N's, the choice per bin and budget; then every
+    strategy's in-sample accuracy (expected over n-subsets where subsampled) and compute."""
     bins = data["bin_names"]
+    cv = data["cv"]
+    K = data["sizes"]["all"]
     sizes = ", ".join(f"{b}: {data['sizes'][b]}" for b in bins)
     lines = [f"# Compute-optimal frontier: {data['sweep']}", "",
-             f"{data['counts']['problems']} problems, bins by {data['bins']} "
-             f"({sizes}); compute is the mean per problem "
-             "(FLOPs; nominal as the papers count, computed after the engines' prefix caches); "
-             f"baseline: {data['baseline'] or '(none in the sweep)'} at its largest N."]
+             f"{data['counts']['problems']} problems, bins by {data['bins']} ({sizes}). Compute is the mean per "
+             "problem (FLOPs; nominal as the papers count, computed after the engines' prefix caches). Baseline: "
+             f"{data['baseline'] or '(none in the sweep)'} and its lower envelope C_bon(a). Held out: "
+             f"{cv['repeats']} repeats of stratified two-fold cross-validation over problems ({cv['folds']} folds); "
+             f"each fold chooses per bin and budget on one half and scores on the other (about {K / 2:g} test "
+             f"problems: one problem = {2 / K:.3f} of a fold's accuracy). compute_saving = C_bon(a) / C_opt(a) at "
+             "best-of-N's accuracy a: the median over folds [10th, 90th percentile]; 'reached' = the share of folds "
+             "where the held-out choice reached a at all (0x where it did not)."]
     for kind, k in data["kinds"].items():
-        lines += ["", f"## compute_saving ({kind} FLOPs)", ""]
+        lines += ["", f"## compute_saving at best-of-N's largest-N accuracy, held out ({kind} FLOPs)", ""]
         rows = []
         for b in bins:
             e = k["bins"][b]
-            if "baseline" not in e:
-                continue
             bp = e["baseline"]
-            if b == "all" and "per_bin_optimal" in e:
-                per = e["per_bin_optimal"]
-                how = "per-bin: " + "; ".join(f"{bb} {c['strategy']} N={c['N']}" for bb, c in per["choice"].items())
-                rows.append([b, f"{bp['accuracy']:.3f}", _flops(bp["compute"]), how, f"{per['accuracy']:.3f}",
-                             _flops(per["compute"]), f"{e['compute_saving']:.2f}x" if e.get("compute_saving") else "-"])
-                if e.get("compute_saving_single"):
-                    op = e["optimal"]
-                    rows.append([f"{b} (one strategy)", f"{bp['accuracy']:.3f}", _flops(bp["compute"]),
-                                 f"{op['strategy']} N={op['N']}", f"{op['accuracy']:.3f}", _flops(op["compute"]),
-                                 f"{e['compute_saving_single']:.2f}x"])
-                continue
-            op = e["optimal"]
-            rows.append([b, f"{bp['accuracy']:.3f}", _flops(bp["compute"]), f"{op['strategy']} N={op['N']}",
-                         f"{op['accuracy']:.3f}", _flops(op["compute"]),
-                         f"{e['compute_saving']:.2f}x" if e.get("compute_saving") else "-"])
-        if rows:
-            lines += _table(["bin", "baseline acc", "baseline FLOPs", "compute-optimal", "acc", "FLOPs",
-                             "compute_saving"], rows)
-        else:
-            lines.append("(no baseline run in the sweep)")
-        lines += ["", f"## compute-optimal strategy per bin and budget ({kind} FLOPs)", ""]
-        ns = sorted({int(n) for b in bins for n in k["bins"][b]["optimal_by_budget"]})
+            rows.append([b, f"{e['test_problems']:g}", f"{bp['accuracy']:.3f}", _flops(bp["compute"]),
+                         _saving({"median": e["compute_saving"], "q10": e["compute_saving_spread"][0],
+                                  "q90": e["compute_saving_spread"][1]}),
+                         "-" if e["reached"] is None else f"{e['reached']:.2f}"])
+        e = k["bins"]["all"]
+        if len(bins) > 1:
+            rows.append(["all (one strategy for every bin)", f"{e['test_problems']:g}",
+                         f"{e['baseline']['accuracy']:.3f}", _flops(e["baseline"]["compute"]),
+                         _saving({"median": e["compute_saving_single"], "q10": e["compute_saving_single_spread"][0],
+                                  "q90": e["compute_saving_single_spread"][1]}),
+                         "-" if e["reached_single"] is None else f"{e['reached_single']:.2f}"])
+        lines += _table(["bin", "test problems per fold", f"best-of-N N={e['baseline']['N']} acc (held out)",
+                         "its FLOPs", "compute_saving", "reached"], rows)
+        lines += ["", f"## held-out curves, all problems ({kind} FLOPs)", "",
+                  "Best-of-N at n on the test half, and the saving at its accuracy; the compute-optimal choice (per "
+                  "bin, chosen on the other half) at budget N on the same test half.", ""]
+        curve = {c["N"]: c for c in e["curve"]}
+        held = {h["N"]: h for h in e["held_out"]}
         rows = []
-        for n in ns:
-            row = [str(n)]
-            for b in bins:
-                o = k["bins"][b]["optimal_by_budget"].get(str(n))
-                row.append(f"{o['strategy']} {o['accuracy']:.3f} ({_flops(o['compute'])})" if o else "-")
-            rows.append(row)
-        lines += _table(["N", *bins], rows)
-    lines += ["", "## every strategy", ""]
+        for N in sorted(set(curve) | set(held)):
+            c, h = curve.get(N), held.get(N)
+            rows.append([str(N),
+                         f"{c['accuracy']:.3f}" if c else "-", _flops(c["compute"]) if c else "-",
+                         _saving(c["saving"]) if c else "-",
+                         f"{h['accuracy']:.3f} +- {h['accuracy_sd']:.3f}" if h else "-",
+                         _flops(h["compute"]) if h else "-"])
+        lines += _table(["N", "best-of-N acc", "its FLOPs", "compute_saving at that acc",
+                         "compute-optimal acc (+- sd over folds)", "its FLOPs"], rows)
+        lines += ["", f"## the choice per bin and budget over the folds ({kind} FLOPs)", ""]
+        ns = [h["N"] for h in e["held_out"]]
+        rows = []
+        for N in ns:
+            r = [str(N)]
+            for b in bins[1:] or bins:
+                h = next(x for x in k["bins"][b if len(bins) > 1 else "all"]["held_out"] if x["N"] == N) \
+                    if len(bins) > 1 else next(x for x in e["held_out_single"] if x["N"] == N)
+                folds = sum(h["choice"].values()) or 1
+                top = list(h["choice"].items())[:2]
+                r.append("; ".join(f"{s} {c / folds:.0%}" for s, c in top) + f" ({h['accuracy']:.3f})")
+            rows.append(r)
+        lines += _table(["N", *(bins[1:] or bins)], rows)
+    lines += ["", "## every strategy (in-sample: all of a bin's problems; subsampled ones expected over n-subsets)", ""]
     rows = []
     allp = data["points"]["all"]
     for label in data["strategies"]:
@@ -392,8 +569,9 @@ def format_tables(data: dict) -> str:
 
 
 def plot(data: dict, out_dir: str | Path) -> list[Path]:
-    """One PNG per compute kind: one panel per bin plus the overall one, a curve per strategy (log compute axis),
-    the frontier dashed, the baseline's point ringed."""
+    """One PNG per compute kind: a panel per bin plus the overall one (every strategy's in-sample curve, faint; the
+    held-out compute-optimal curve and best-of-N's on the test halves, bold) and a panel of the compute_saving curve
+    over best-of-N's accuracies (median over folds, 10th-90th percentile band); log compute axis."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -406,45 +584,58 @@ def plot(data: dict, out_dir: str | Path) -> list[Path]:
     colors = {s: cmap(i % cmap.N) for i, s in enumerate(data["strategies"])}
     for kind, k in data["kinds"].items():
         key = k["key"]
-        cols = min(3, len(bins))
-        rows = math.ceil(len(bins) / cols)
+        panels = len(bins) + 1
+        cols = min(3, panels)
+        rows = math.ceil(panels / cols)
         fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 4.0 * rows + 1.2), squeeze=False)
-        for ax, b in zip(axes.flat, bins):
+        flat = list(axes.flat)
+        for ax, b in zip(flat, bins):
             for label in data["strategies"]:
                 pts = sorted((p for p in data["points"][b] if p["strategy"] == label and p.get(key)),
                              key=lambda p: p["N"])
-                if not pts:
-                    continue
-                ax.plot([p[key] for p in pts], [p["accuracy"] for p in pts], "o-", ms=3.5, lw=1.3,
-                        color=colors[label], label=label)
-            fr = k["bins"][b]["frontier"]
-            if fr:
-                ax.plot([p["compute"] for p in fr], [p["accuracy"] for p in fr], "--", color="black", lw=1.0,
-                        alpha=0.7, label="frontier" if b == bins[0] else None)
+                if pts:
+                    ax.plot([p[key] for p in pts], [p["accuracy"] for p in pts], "o-", ms=2.5, lw=0.9, alpha=0.45,
+                            color=colors[label], label=f"{label} (in-sample)")
             e = k["bins"][b]
-            if "baseline" in e:
-                ax.plot([e["baseline"]["compute"]], [e["baseline"]["accuracy"]], "o", ms=11, mfc="none", mec="black")
-            if b == "all" and "per_bin_optimal" in e:
-                per = e["per_bin_optimal"]
-                ax.plot([per["compute"]], [per["accuracy"]], "*", ms=13, color="black",
-                        label="compute-optimal per bin")
-            saving = e.get("compute_saving")
+            bon = [c for c in e["curve"] if not math.isnan(c["compute"])]
+            ax.plot([c["compute"] for c in bon], [c["accuracy"] for c in bon], "s--", ms=5, lw=2.0, color="tab:red",
+                    label="best-of-N, held out")
+            held = [h for h in e["held_out"] if not math.isnan(h["compute"])]
+            ax.errorbar([h["compute"] for h in held], [h["accuracy"] for h in held],
+                        yerr=[h["accuracy_sd"] for h in held], fmt="*-", ms=9, lw=2.0, color="black", capsize=3,
+                        label="compute-optimal per bin, held out")
             ax.set_xscale("log")
-            ax.set_title(f"{b} ({data['sizes'][b]} problems)" + (f", saving {saving:.2f}x" if saving else ""),
-                         fontsize=10)
+            ax.set_title(f"{b} ({data['sizes'][b]} problems), saving {_x(e['compute_saving'])}", fontsize=10)
             ax.set_xlabel(f"{kind} FLOPs per problem")
             ax.set_ylabel("accuracy")
             ax.grid(True, which="both", alpha=0.3)
-        for ax in list(axes.flat)[len(bins):]:
+        ax = flat[len(bins)]
+        for b in bins:
+            c = [x for x in k["bins"][b]["curve"] if x["saving"]["median"] is not None]
+            if not c:
+                continue
+            style = dict(lw=2.2, color="black") if b == "all" else dict(lw=1.0, alpha=0.7)
+            ax.plot([x["accuracy"] for x in c], [x["saving"]["median"] for x in c], "o-", ms=3.5, label=f"saving: {b}",
+                    **style)
+            if b == "all":
+                ax.fill_between([x["accuracy"] for x in c], [x["saving"]["q10"] for x in c],
+                                [x["saving"]["q90"] for x in c], color="gray", alpha=0.3)
+        ax.axhline(1.0, color="tab:red", ls="--", lw=1.0)
+        ax.set_title("compute_saving C_bon(a) / C_opt(a), held out", fontsize=10)
+        ax.set_xlabel("best-of-N's accuracy a (test half)")
+        ax.set_ylabel("compute_saving (median, 10-90%)")
+        ax.grid(True, alpha=0.3)
+        for ax in flat[panels:]:
             ax.axis("off")
         handles, labels = [], []
-        for ax in axes.flat:
+        for ax in flat:
             for h, lab in zip(*ax.get_legend_handles_labels()):
                 if lab not in labels:
                     handles.append(h)
                     labels.append(lab)
-        fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8, frameon=False)
-        fig.suptitle(f"accuracy vs {kind} compute: {Path(data['sweep']).name}", fontsize=12)
+        fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=7, frameon=False)
+        fig.suptitle(f"accuracy vs {kind} compute: {Path(data['sweep']).name} ({data['cv']['folds']} held-out folds)",
+                     fontsize=12)
         fig.tight_layout(rect=(0, 0.04 + 0.025 * math.ceil(len(labels) / 4), 1, 0.97))
         path = out_dir / f"frontier_{kind}.png"
         fig.savefig(path, dpi=110)
@@ -453,12 +644,23 @@ def plot(data: dict, out_dir: str | Path) -> list[Path]:
     return paths
 
 
+def _json_safe(x: Any) -> Any:
+    """NaN and inf as null (frontier.json is strict JSON)."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    return x
+
+
 def write(sweep_dir: str | Path, **options) -> tuple[dict, str, list[Path]]:
     """Build the frontier of a sweep and write frontier.json, frontier.md and the PNGs into its directory."""
     sweep_dir = Path(sweep_dir)
     data = build(sweep_dir, **options)
     text = format_tables(data)
-    (sweep_dir / "frontier.json").write_text(json.dumps(data, indent=1, default=str) + "\n")
+    (sweep_dir / "frontier.json").write_text(json.dumps(_json_safe(data), indent=1, default=str) + "\n")
     (sweep_dir / "frontier.md").write_text(text)
     pngs = plot(data, sweep_dir)
     return data, text, pngs

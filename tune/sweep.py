@@ -51,8 +51,8 @@ from pydantic_core import PydanticCustomError
 
 from app.config import Config, ConfigError
 from app.pool_config import PoolConfig, PRMPoolConfig
-from app.search.recipe import DataConfig, PromptConfig, SearchRecipe, SelectionConfig
-from app.search.registry import METHODS
+from app.search.recipe import DataConfig, PromptConfig, SearchRecipe, SelectionConfig, prm_pairing_error
+from app.search.registry import METHODS, method_config
 from app.search.select import RULES, budgets as reported_budgets
 
 # Methods whose run at N holds the run at every smaller n: their n completions are independent samples and the
@@ -196,8 +196,14 @@ class FrontierConfig(Config):
     rules: list[Literal["naive", "weighted", "maj"]] = Field(
         ["weighted"], min_length=1, description="selection rules drawn as curves (a method that reports none of "
         "them, e.g. majority without a PRM, draws the ones it has)")
-    baseline: str = Field("best_of_n", description="the method whose largest budget sets compute_saving's target")
+    baseline: str = Field("best_of_n", description="the method whose lower envelope C_bon(a) compute_saving "
+                                                   "divides, and whose largest-N accuracy is the summary's target")
     baseline_rule: Literal["naive", "weighted", "maj"] = "weighted"
+    cv_repeats: int = Field(50, ge=1, description="repeats of the stratified two-fold split that chooses the "
+                                                  "compute-optimal strategy on one half and scores it on the other")
+    subset_draws: int = Field(256, ge=1, description="n-subsets per problem that a subsampled method's expected "
+                                                     "accuracy at n averages over (all of them where fewer)")
+    seed: int = Field(0, description="seeds the splits and the drawn subsets")
 
 
 @dataclass(frozen=True)
@@ -247,6 +253,9 @@ class SweepRecipe(Config):
                 raise PydanticCustomError("grid", "{msg}", {"msg": (
                     f"grid.{t.entry} makes trial {t.name!r} as grid.{seen[t.name]} does: give one of them a `name`")})
             seen[t.name] = t.entry
+            msg = prm_pairing_error(method_config(t.method, t.search), self.prm)
+            if msg:
+                raise PydanticCustomError("grid", "{msg}", {"msg": f"grid.{t.entry}: {msg}"})
         needs_prm = [t for t in self.trials() if self.search_recipe(t).search.needs_prm]
         if needs_prm and self.prm is None:
             raise PydanticCustomError("grid", "{msg}", {"msg": (
@@ -401,7 +410,9 @@ def run_sweep(recipe: SweepRecipe, pools: Any, out=None, verbose: int = 1):
     from ray import tune as ray_tune
 
     out = out or sys.stdout
-    storage = Path(recipe.output_dir).resolve() / "tune"
+    # absolute: Tune runs each trial in its own working directory, where a relative output_dir would land
+    recipe = recipe.model_copy(update={"output_dir": str(Path(recipe.output_dir).resolve())})
+    storage = Path(recipe.output_dir) / "tune"
     path = storage / "sweep"
     trainable = ray_tune.with_resources(ray_tune.with_parameters(run_trial, sweep=recipe, pools=pools),
                                         {"cpu": recipe.trial_cpus})

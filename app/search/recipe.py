@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, SerializeAsAny, ValidationError, field_validator
+from pydantic import Field, SerializeAsAny, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from app.config import Config, ConfigError
@@ -24,6 +24,19 @@ from app.pool_config import PoolConfig, PRMPoolConfig
 from app.problems import CHAT_TEMPLATES, Template
 from app.search.registry import METHODS
 from app.search.sampling import SearchConfig
+
+
+def prm_pairing_error(search: Any, prm: PRMPoolConfig | None) -> str | None:
+    """Why a method's section cannot run against this PRM, in one line (None when it can).
+
+    `agg_strategy: model` hands the PRM the whole prefix as ONE step, and the Math-Shepherd format puts its step tag
+    after every blank line of what it is given: a prefix of k steps becomes k tags for one score, and every problem
+    fails (docs/algorithms.md, "PRM input formats"). Refused here, before any pool starts."""
+    if prm is not None and prm.format == "math-shepherd" and getattr(search, "agg_strategy", None) == "model":
+        return ("search.agg_strategy: model scores the whole prefix as one step, and prm.format: math-shepherd tags "
+                "every blank line in it as a step, so every problem would fail; with this PRM use agg_strategy "
+                "last, min, prod or mean")
+    return None
 
 
 class DataConfig(Config):
@@ -91,6 +104,13 @@ class SearchRecipe(Config):
             else:
                 msg = f"search{'.' + loc if loc else ''}: {err['msg'].removeprefix('Value error, ')}"
             raise PydanticCustomError("search_config", "{msg}", {"msg": msg}) from None
+
+    @model_validator(mode="after")
+    def _prm_pairing(self) -> "SearchRecipe":
+        msg = prm_pairing_error(self.search, self.prm)
+        if msg:
+            raise PydanticCustomError("prm_pairing", "{msg}", {"msg": msg})
+        return self
 
     def pool_configs(self) -> tuple[PoolConfig, PRMPoolConfig | None]:
         """The pools this run needs (no PRM pool for a method that needs none); a missing one is a ConfigError."""
