@@ -179,6 +179,34 @@ def test_sample_selection_draws_the_answer():
     assert len(chosen) > 1  # not always the argmax
 
 
+def test_the_record_and_report_give_the_drawn_answer_and_mark_subsets():
+    """`final_selection: sample`: the record's `naive` at N is the drawn particle, not the argmax, and the report
+    says so; its n < N columns are marked as subsets of the one run."""
+    from app.search.record import solve_problem
+    from app.search.results import format_summary, summarize
+
+    recs, differs = [], 0
+    for seed in range(10):
+        cfg = ParticleFilterConfig(n=8, seed=seed, final_selection="sample", softmax_temperature=100.0)
+        rec = solve_problem({"id": f"p{seed}", "question": Q, "answer": "3"}, "particle_filter", cfg,
+                            ScriptedPolicy(FINAL_SCRIPT, prefix=P), prm_of(FINAL_SCORES), prompt=P,
+                            extract_fn=simple_extract, grade_fn=lambda text, gold: simple_extract(text) == gold)
+        drawn = rec["trajectories"][0]["answer"]
+        assert rec["selection"]["naive"]["8"]["answer"] == drawn  # the draw, output first
+        assert rec["selection"]["naive"]["1"]["answer"] == drawn  # n = 1: the first trajectory alone
+        differs += drawn != "3"  # the argmax (score 0.7) is "3"
+        recs.append(rec)
+    assert differs >= 1
+    s = summarize(recs)
+    assert s["drawn"] and s["subsets"] == [1, 2, 4]
+    assert s["accuracy"]["naive"][8] == pytest.approx(1 - differs / 10)
+    text = format_summary(recs)
+    assert "naive (drawn)" in text and "n=4*" in text and "n=8*" not in text and "ONE run at N" in text
+    # best-of-N's n < N are runs at budget n in distribution: not marked
+    bon = [{**r, "method": "best_of_n", "config": {}} for r in recs]
+    assert summarize(bon)["subsets"] == [] and "*" not in format_summary(bon) and "drawn" not in format_summary(bon)
+
+
 def test_eos_ends_a_particle_unless_the_its_hub_quirk():
     script = {"": ["no answer"], "no answer": [""]}  # EOS without \boxed, then empty steps
     policy = ScriptedPolicy(script, prefix=P)

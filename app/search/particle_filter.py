@@ -88,6 +88,12 @@ class ParticleFilterConfig(StepwiseConfig):
         """`model` stores the prefix score after each step: `last` reads the final one."""
         return "last" if self.agg_strategy == "model" else self.agg_strategy
 
+    @property
+    def drawn_answer(self) -> bool:
+        """`sample`: the method's answer is a draw (its first trajectory), which the record's `naive` rule reports
+        at N instead of the argmax (`app.search.record`)."""
+        return self.final_selection == "sample"
+
 
 # ---------------------------------------------------------------- weights and resampling
 

@@ -109,6 +109,8 @@ def record_from_parts(
         answers, [t.scores for t in trajs], cfg.selection_agg, N=cfg.budget, group_size=cfg.group_size,
         equivalent=equivalent, exact=exact_grouping,
     )
+    if getattr(cfg, "drawn_answer", False) and trajs and chosen.get("naive"):
+        chosen["naive"][max(chosen["naive"])] = 0  # final_selection: sample: the drawn particle, output first
     selection: dict[str, dict[str, dict]] = {}
     for rule in RULES:
         if rule not in chosen:

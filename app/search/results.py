@@ -24,6 +24,9 @@ from typing import Any, Iterable, Iterator
 from app.search.select import RULES
 
 SHARD_GLOB = "shard-*.jsonl"
+# methods whose completions are independent samples: their choice among the first n of N is, in distribution, a run
+# at budget n. Any other method's n < N columns are subsets of ONE run at N (its first n final trajectories).
+INDEPENDENT_SAMPLES = ("best_of_n", "majority", "greedy")
 COMPUTED_KEYS = ("computed_prompt_tokens", "computed_generated_tokens", "computed_prm_tokens", "computed_flops")
 PLAN_FILE = "problems.json"
 FAILURES_FILE = "failures.jsonl"
@@ -223,8 +226,11 @@ def summarize(records: list[dict], expected: dict[str, Any] | None = None, faile
     failed or missing (e.g. a killed run), counts as wrong. Without them the records are all the problems.
 
     Returns {"problems": K, "solved": k (problems with a record, right or wrong), "failed": f, "missing": m,
-    "method": ..., "N": ..., "accuracy": {rule: {n: acc}}, "compute": {key: mean per record}}, K = k + f + m.
-    Accuracy at n is over K less the records that do not report that n (none, for one run).
+    "method": ..., "N": ..., "accuracy": {rule: {n: acc}}, "compute": {key: mean per record}, "subsets": [n],
+    "drawn": bool}, K = k + f + m. Accuracy at n is over K less the records that do not report that n (none, for
+    one run). `subsets`: the n < N that are subsets of one run at N (every method but INDEPENDENT_SAMPLES: beam
+    search, DVTS, particle filtering and Gibbs, REBASE, MCTS), not runs at budget n. `drawn`: a run with
+    `final_selection: sample`, whose `naive` at N is the drawn answer (the method's own), not the argmax.
     Compute: the nominal tokens and FLOPs (prompt_tokens, generated_tokens, prm_tokens, flops), the computed ones
     (computed_...: after the engines' prefix caches; None when no record reports them) and wall seconds.
     """
@@ -247,15 +253,21 @@ def summarize(records: list[dict], expected: dict[str, Any] | None = None, faile
         compute[k] = sum(float(r["compute"].get(k, 0.0)) for r in counted) / len(counted) if counted else None
     methods = sorted({str(r.get("method")) for r in records})
     unsolved = total - len(records)
+    N = max((int(r.get("N") or 0) for r in records), default=0)
+    one_run = [m for m in methods if m not in INDEPENDENT_SAMPLES]
     return {
         "problems": total,
         "solved": len(records),
         "failed": len(failed_ids),
         "missing": unsolved - len(failed_ids),
         "method": ",".join(methods),
-        "N": max((int(r.get("N") or 0) for r in records), default=0),
+        "N": N,
         "accuracy": {rule: {n: sum(v) / (len(v) + unsolved) for n, v in sorted(by_n.items())}
                      for rule, by_n in acc.items()},
+        # n < N of a one-run method: subsets of one run at N, not runs at budget n
+        "subsets": sorted({n for by_n in acc.values() for n in by_n if n < N}) if one_run else [],
+        # final_selection: sample: `naive` at N is the method's drawn answer, not the argmax
+        "drawn": any((r.get("config") or {}).get("final_selection") == "sample" for r in records),
         "compute": compute,
     }
 
@@ -286,12 +298,20 @@ def format_summary(records: list[dict], title: str = "", expected: dict[str, Any
         return "\n".join([f"{title}: no finished problems" if title else "no finished problems"]
                          + ([counts] if s["problems"] else []))
     ns = sorted({n for by_n in s["accuracy"].values() for n in by_n})
-    header = ["rule"] + [f"n={n}" for n in ns]
+    header = ["rule"] + [f"n={n}" + ("*" if n in s["subsets"] else "") for n in ns]
     rows = []
     for rule in RULES:
         if rule not in s["accuracy"]:
             continue
-        rows.append([rule] + [f"{s['accuracy'][rule][n]:.3f}" if n in s["accuracy"][rule] else "-" for n in ns])
+        name = "naive (drawn)" if rule == "naive" and s["drawn"] else rule
+        rows.append([name] + [f"{s['accuracy'][rule][n]:.3f}" if n in s["accuracy"][rule] else "-" for n in ns])
+    notes = []
+    if s["subsets"]:
+        notes.append(f"*: n < N={s['N']} of a one-run method: the rule over the first n of the N final trajectories "
+                     f"of ONE run at N, not a run at budget n")
+    if s["drawn"]:
+        notes.append(f"naive (drawn) at n={s['N']}: the method's own answer, drawn by final_selection: sample (not "
+                     f"the argmax)")
     c = s["compute"]
     head = f"{title + ': ' if title else ''}{s['method']}, {s['problems']} problems, N={s['N']}"
     if c["computed_flops"] is None:  # records written before compute was counted both ways
@@ -306,7 +326,7 @@ def format_summary(records: list[dict], title: str = "", expected: dict[str, Any
             f"{c['prm_tokens']:.0f} PRM tokens ({c['computed_prm_tokens']:.0f} computed), "
             f"nominal {_flops(c['flops'])}, computed {_flops(c['computed_flops'])}, {c['seconds']:.2f} s"
         )
-    return "\n".join([head, counts, _fmt_table(header, rows), per])
+    return "\n".join([head, counts, _fmt_table(header, rows), *notes, per])
 
 
 def format_report(records: list[dict], by_level: bool = False, title: str = "", expected: dict[str, Any] | None = None,
