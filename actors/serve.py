@@ -8,16 +8,23 @@ micro-batches).
 `build_app(args) -> Application` is the builder a Serve config file names (`import_path: actors.serve:build_app`);
 `args` is validated as `ServeArgs` (one-line errors naming the key). HTTP API:
 
-    POST /v1/solve             {"question", "method": "auto" | METHOD, "n": int >= 1, "cost_weight": float >= 0}
-                               -> {"answer", "method", "rule", "n", "steps", "compute", "router"}
-    POST /v1/chat/completions  OpenAI format; model "ponder-router" or "ponder/METHOD"; the last user message is the
-                               question; extra body keys `budget` (the search's n) and `cost_weight`
-    GET  /v1/models            OpenAI list format
-    GET  /healthz              200 once the pools are ready
+    POST /v1/solve             {"question", "method": "auto" | METHOD, "n": int >= 1, "cost_weight": float >= 0,
+                                "deadline_s"} -> {"answer", "method", "rule", "n", "steps", "compute", "router"}
+    POST /v1/chat/completions  OpenAI format, streaming or not; model "ponder-router" or "ponder/METHOD"; the
+                               system message(s) and the LAST user turn make the prompt; extra body keys `budget`
+                               (the search's n), `cost_weight`, `deadline_s`
+    GET  /v1/models[/{id}]     OpenAI list / model format
+    GET  /healthz              200 once the pools are ready (open without an API key)
     GET  /docs                 OpenAPI docs
 
-A bad request is a 422 whose body is {"error": {"message": "FIELD: why", "param": FIELD, "type":
-"invalid_request_error"}} (OpenAI's shape), never a 500 and never a traceback.
+Every error is OpenAI's {"error": {"message": "FIELD: why", "type", "param": FIELD, "code"}} (`actors.serve_http`),
+never a 500 for a bad request and never a traceback.
+
+Bounds (ServeArgs): n / budget per method at most `max_n` (default: the largest n the router measured for the
+method); every search cancelled after `deadline_s` (504 deadline_exceeded) or when its client disconnects (the
+search's thread stops before its next pool call); the ingress takes `max_ongoing_requests` at once and queues at
+most `max_queued_requests` more (Serve answers 503 past that, at once); bodies over `max_body_bytes` are a 413;
+`api_keys_env` / `api_keys_file` turn on API keys (401 without one).
 
 Routing (`method: auto`): the router scores every arm (method x rule x n) it was trained on and picks argmax of
 predicted accuracy - cost_weight x cost (cost in units of the dearest arm; `app.router.policy`). A fixed `method`
@@ -27,18 +34,22 @@ by the MLP all the same, its cost scaled from the nearest measured arm of the me
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import Field
 from ray import serve
 
+from actors.serve_http import (ApiError, BadRequest, ChatRequest, SolveRequest, clean_text, cut_at_stop, install,
+                               key_hash, sse)
 from app.config import Config, ConfigError, build_config
 from app.pool_config import PoolConfig, PRMPoolConfig
 from app.search.recipe import PromptConfig
@@ -57,8 +68,93 @@ class ServeArgs(Config):
     prompt: PromptConfig = Field(default_factory=lambda: PromptConfig(template="toy"))
     cost_weight: float | None = Field(None, ge=0, description="default lambda (default: the router's recipe)")
     methods: dict[str, dict] = Field(default_factory=dict, description="configs of methods served beyond the router's arms")
-    max_ongoing_requests: int = Field(128, ge=1, description="concurrent requests per deployment replica")
+    max_ongoing_requests: int = Field(128, ge=1, description="requests the ingress works on at once")
+    max_queued_requests: int = Field(64, ge=1, description="requests waiting beyond those; Serve answers 503 past it")
     search_threads: int = Field(128, ge=1, description="searches running at once (each waits on the pools)")
+    max_n: dict[str, int] = Field(default_factory=dict, description="largest n / budget per method (default: the "
+                                  "largest n the router measured for it; a served-only method: its config's)")
+    deadline_s: float = Field(300.0, gt=0, description="a search still running after this long is cancelled (504)")
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="request bodies over this are refused (413)")
+    keep_alive_s: float = Field(5.0, gt=0, description="a streamed answer sends an SSE comment this often while "
+                                "its search runs")
+    api_keys_env: str | None = Field(None, description="an environment variable holding API keys (comma-separated); "
+                                     "with it or api_keys_file, requests need Authorization: Bearer KEY")
+    api_keys_file: str | None = Field(None, description="a file of API keys, one a line (never in the repo)")
+
+
+def api_key_hashes(a: ServeArgs) -> list[str]:
+    """sha256 of every API key the args name (env var, file); [] = open. One-line errors for a missing source."""
+    keys: list[str] = []
+    if a.api_keys_env:
+        raw = os.environ.get(a.api_keys_env, "")
+        if not raw.strip():
+            raise ConfigError(f"api_keys_env: the environment variable {a.api_keys_env} is unset or empty")
+        keys += [k.strip() for k in raw.split(",") if k.strip()]
+    if a.api_keys_file:
+        p = Path(a.api_keys_file).expanduser()
+        if not p.is_file():
+            raise ConfigError(f"api_keys_file: {p} is not a file")
+        found = [k.strip() for k in p.read_text().splitlines() if k.strip() and not k.startswith("#")]
+        if not found:
+            raise ConfigError(f"api_keys_file: {p} holds no key (one a line)")
+        keys += found
+    return sorted({key_hash(k) for k in keys})
+
+
+def default_max_n(args: ServeArgs, arms: list[dict]) -> dict[str, int]:
+    """Per method, the largest n a request may ask: `max_n`, else the router's largest measured n of the method."""
+    caps: dict[str, int] = {}
+    for r in arms:
+        caps[r["method"]] = max(caps.get(r["method"], 1), int(r["n"]))
+    for m, cfg in args.methods.items():
+        key = BUDGET_KEYS.get(m)
+        caps.setdefault(m, int(cfg.get(key, 1)) if key else 1)
+    caps.update(args.max_n)
+    return caps
+
+
+class Cancelled(Exception):
+    """A search stopped because its client left or its deadline passed."""
+
+
+def _cancellable(client: Any, stop: threading.Event, poll_s: float = 0.05) -> Any:
+    """The client, its pool calls cancelled once `stop` is set: a call not yet sent is refused, a call in flight is
+    cancelled (`ray.cancel`; the pool's in-flight count drops at once) and the search's thread unwinds. A call whose
+    replica died goes through the pool's own retrying `call`."""
+    if client is None:
+        return None
+    import ray
+
+    pool = client.pool
+    retryable = _retryable_errors()
+
+    def guarded(method: str, *args: Any) -> Any:
+        if stop.is_set():
+            raise Cancelled()
+        i = pool._acquire()  # the pool's least-loaded replica and its in-flight count, as pool.call does
+        try:
+            ref = getattr(pool.actors[i], method).remote(*args)
+            while not ray.wait([ref], timeout=poll_s)[0]:
+                if stop.is_set():
+                    ray.cancel(ref)
+                    raise Cancelled()
+        finally:
+            pool._release(i)
+        try:
+            out = ray.get(ref)
+        except retryable:
+            out = pool.call(method, *args)
+        client.account(client.usage, out, client.num_parameters)
+        return out
+
+    client.call = guarded
+    return client
+
+
+def _retryable_errors() -> tuple:
+    from actors.replicas import _retryable
+
+    return tuple(_retryable())
 
 
 def router_path(name: str) -> Path:
@@ -71,16 +167,6 @@ def router_path(name: str) -> Path:
         hint = "bash scripts/build_toy_router.sh" if name.startswith("toy:") else "ponder route train"
         raise ConfigError(f"router_dir: {p} holds no router (arms.json); build one with `{hint}`")
     return p
-
-
-class BadRequest(Exception):
-    def __init__(self, field: str, message: str, status: int = 422):
-        super().__init__(f"{field}: {message}")
-        self.field, self.message, self.status = field, message, status
-
-
-def error_body(field: str | None, message: str, kind: str = "invalid_request_error") -> dict:
-    return {"error": {"message": message, "type": kind, "param": field, "code": None}, "detail": message}
 
 
 # ---------------------------------------------------------------- the search deployment (owns the pools)
@@ -98,6 +184,8 @@ class Searcher:
         self.tokenizer = load_tokenizer(resolve_model(a.prompt.tokenizer or a.policy.model))
         self.max_len = int(a.policy.engine_kwargs.get("max_model_len") or self._context(resolve_model(a.policy.model)))
         self.pools = start_pools(a.policy, a.prm)
+        self.running = self.cancelled = self.finished = 0
+        self._lock = threading.Lock()
         self.executor = ThreadPoolExecutor(max_workers=a.search_threads, thread_name_prefix="search")
 
     @staticmethod
@@ -120,39 +208,61 @@ class Searcher:
     def has_prm(self) -> bool:
         return self.pools.prm is not None
 
-    def prompt(self, question: str) -> str:
+    def stats(self) -> dict:
+        """Searches whose threads still run, how many were cancelled, and the pools' in-flight calls."""
+        inflight = sum(self.pools.policy.pool.inflight) + (sum(self.pools.prm.pool.inflight) if self.pools.prm else 0)
+        return {"running": self.running, "cancelled": self.cancelled, "finished": self.finished,
+                "pool_inflight": inflight}
+
+    def prompt(self, question: str, system: str | None = None) -> str:
         from app.problems import build_prompt
 
         p = self.args.prompt
-        return build_prompt(question, tokenizer=self.tokenizer, template=p.template, system_prompt=p.system_prompt)
+        return build_prompt(question, tokenizer=self.tokenizer, template=p.template,
+                            system_prompt=p.system_prompt if system is None else system)
 
-    def check(self, question: str) -> str | None:
+    def check(self, question: str, system: str | None = None) -> str | None:
         """None if the question fits the policy's context with room to answer, else the reason."""
         from actors.engines.base import encode_prompt
 
-        n = len(encode_prompt(self.tokenizer, self.prompt(question)))
+        n = len(encode_prompt(self.tokenizer, self.prompt(question, system)))
         if n >= self.max_len - 1:
             return f"{n} tokens with the prompt, over the policy's context of {self.max_len} tokens"
         return None
 
-    def _solve(self, question: str, method: str, cfg: dict, rule: str, n: int) -> dict:
-        from app.router.data import cost_of
-        from app.search.record import parts_of, record_from_parts, solve_part
+    @staticmethod
+    def _config(method: str, cfg: dict, over: dict):
+        """The method's config with the request's sampling keys applied where the method has them; max_tokens
+        bounds the answer: a step-wise method's max_total_tokens, else its max_tokens."""
         from app.search.registry import method_config
 
-        why = self.check(question)
-        if why is not None:
-            return {"error": {"field": "question", "message": why}}
+        base = method_config(method, cfg)
+        fields = type(base).model_fields
+        cfg = dict(cfg)
+        for k in ("temperature", "top_p", "seed"):
+            if k in over and k in fields:
+                cfg[k] = over[k]
+        if "max_tokens" in over:
+            cfg["max_total_tokens" if "max_total_tokens" in fields else "max_tokens"] = over["max_tokens"]
+        return method_config(method, cfg)
+
+    def _solve(self, question: str, method: str, cfg: dict, rule: str, n: int, system: str | None, over: dict,
+               stop: threading.Event) -> dict:
+        from app.router.data import cost_of
+        from app.search.record import parts_of, record_from_parts, solve_part
+
         try:
-            mcfg = method_config(method, cfg)
+            mcfg = self._config(method, cfg, over)
         except ConfigError as e:
             return {"error": {"field": "n", "message": str(e)}}
-        prompt = self.prompt(question)
+        prompt = self.prompt(question, system)
         rid = f"serve-{uuid.uuid4().hex[:12]}"
+        pid = None if "seed" in over else rid  # a seeded request: the question keys the request seeds
 
         def run(part):
             policy, prm = self.pools.clients()
-            return solve_part(prompt, question, method, mcfg, policy, prm, part, problem_id=rid)
+            return solve_part(prompt, question, method, mcfg, _cancellable(policy, stop), _cancellable(prm, stop),
+                              part, problem_id=pid)
 
         parts = parts_of(method, mcfg)
         if parts == [None]:
@@ -164,14 +274,45 @@ class Searcher:
         sel = rec["selection"].get(rule) or rec["selection"]["maj"]
         chosen = sel.get(str(n)) or sel[max(sel, key=int)]
         i = chosen["index"]
-        traj = rec["trajectories"][i] if i is not None else {"steps": [], "tokens": 0}
+        traj = rec["trajectories"][i] if i is not None else {"steps": [], "tokens": 0, "finished": False}
         compute = dict(rec["compute"], **cost_of(rec["compute"]))
         return {"answer": chosen["answer"], "steps": list(traj["steps"]), "text": "".join(traj["steps"]),
-                "completion_tokens": int(traj.get("tokens") or 0), "compute": compute}
+                "completion_tokens": int(traj.get("tokens") or 0), "compute": compute,
+                "finish_reason": "stop" if traj.get("finished") else "length"}
 
-    async def solve(self, question: str, method: str, cfg: dict, rule: str, n: int) -> dict:
+    def _run_thread(self, *args) -> dict:
+        key = "finished"
+        try:
+            return self._solve(*args)
+        except Cancelled:
+            key = "cancelled"
+            return {"error": {"field": None, "message": "cancelled"}}
+        finally:
+            with self._lock:
+                self.running -= 1
+                setattr(self, key, getattr(self, key) + 1)
+
+    async def solve(self, question: str, method: str, cfg: dict, rule: str, n: int, system: str | None = None,
+                    over: dict | None = None, deadline_s: float | None = None) -> dict:
+        """Run the search in a thread; past the deadline, or when the caller is cancelled (its client
+        disconnected), the thread is told to stop before its next pool call."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.executor, self._solve, question, method, cfg, rule, n)
+        stop = threading.Event()
+        deadline = min(deadline_s or self.args.deadline_s, self.args.deadline_s)
+        with self._lock:
+            self.running += 1
+        fut = loop.run_in_executor(self.executor, self._run_thread, question, method, cfg, rule, n, system,
+                                   dict(over or {}), stop)
+        try:
+            return await asyncio.wait_for(asyncio.shield(fut), timeout=deadline)
+        except asyncio.TimeoutError:
+            stop.set()
+            return {"error": {"field": None, "status": 504, "code": "deadline_exceeded",
+                              "message": f"the search ran past its deadline of {deadline:g} s and was cancelled "
+                                         "(serve args deadline_s, or the request's deadline_s)"}}
+        except asyncio.CancelledError:
+            stop.set()
+            raise
 
     def __del__(self):
         try:
@@ -197,10 +338,16 @@ class RouterDeployment:
         self.cost_key = self.router.config.get("cost", "flops")
         self.cost_weight = self.args.cost_weight if self.args.cost_weight is not None else \
             float(self.router.config.get("cost_weight", 0.0))
+        arms = json.loads((router_path(self.args.router_dir) / "arms.json").read_text())["arms"]
+        self.caps = default_max_n(self.args, arms)
 
     def methods(self) -> list[str]:
         seen = [a.method for a in self.router.arms]
         return list(dict.fromkeys(seen + list(self.args.methods)))
+
+    def limits(self) -> dict[str, int]:
+        """The largest n per served method."""
+        return {m: self.caps.get(m, 1) for m in self.methods()}
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005)
     async def embed(self, questions: list[str]) -> list:
@@ -209,7 +356,7 @@ class RouterDeployment:
     def _candidates(self, method: str | None, n: int | None):
         from app.router.data import Arm
 
-        arms = self.router.arms
+        arms = [a for a in self.router.arms if a.n <= self.caps.get(a.method, 1)]
         if method is not None:
             arms = [a for a in arms if a.method == method]
         if n is not None:
@@ -217,7 +364,7 @@ class RouterDeployment:
             if exact:
                 return exact
             fams = dict.fromkeys((a.method, a.rule) for a in arms if a.method != "greedy" or n == 1)
-            return [Arm(m, r, n) for m, r in fams]
+            return [Arm(m, r, n) for m, r in fams if n <= self.caps.get(m, 1)]
         return arms
 
     def _arm_cost(self, arm) -> tuple[float, dict]:
@@ -262,143 +409,166 @@ class RouterDeployment:
 
 # ---------------------------------------------------------------- the HTTP ingress
 
-
-class SolveRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    question: str = Field(..., description="the question, as plain text")
-    method: str = Field("auto", description="auto (the router picks) or one search method")
-    n: int | None = Field(None, ge=1, description="fix the budget N")
-    cost_weight: float | None = Field(None, ge=0, description="lambda: the price on compute (default: the config's)")
-
-
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    role: str
-    content: str | list | None = None
-
-
-class ChatRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    model: str = "ponder-router"
-    messages: list[ChatMessage]
-    n: int | None = Field(None, description="OpenAI's number of choices: ponder gives 1")
-    stream: bool | None = False
-    budget: int | None = Field(None, ge=1, description="the search's N (ponder's `n` of /v1/solve)")
-    cost_weight: float | None = Field(None, ge=0)
-
-
 api = FastAPI(title="ponder", description="Routed test-time compute: a learned router picks the search method "
                                           "and budget per question.", version="0.1.0")
+install(api)
 
 
-@api.exception_handler(RequestValidationError)
-async def _invalid(request: Request, exc: RequestValidationError):
-    err = exc.errors()[0]
-    loc = [str(x) for x in err.get("loc", ()) if x != "body"]
-    field = ".".join(loc) or "body"
-    msg = err.get("msg", "invalid").removeprefix("Value error, ")
-    if err.get("type") == "extra_forbidden":
-        msg = "unknown field"
-    elif err.get("type") == "missing":
-        msg = "is required"
-    return JSONResponse(error_body(field, f"{field}: {msg}"), status_code=422)
+def _search_error(err: dict, n_field: str) -> ApiError:
+    field = n_field if err.get("field") == "n" else err.get("field")
+    if err.get("status"):
+        return ApiError(field, err["message"], err["status"], err.get("code"), "timeout_error")
+    return ApiError(field, err["message"])
 
 
-@api.exception_handler(BadRequest)
-async def _bad(request: Request, exc: BadRequest):
-    return JSONResponse(error_body(exc.field, str(exc)), status_code=exc.status)
+def _finish(res: dict, stops: list[str]) -> tuple[str, str]:
+    """The answer's text cut at the request's stop strings, and an honest finish_reason: "stop" when the chosen
+    trajectory finished (or a stop string cut it), "length" when a token or depth bound cut it."""
+    text, cut = cut_at_stop(res["text"], stops)
+    return text, "stop" if cut else res["finish_reason"]
 
 
-@api.exception_handler(Exception)
-async def _internal(request: Request, exc: Exception):
-    return JSONResponse(error_body(None, f"internal error ({type(exc).__name__})", "server_error"), status_code=500)
+def _usage(res: dict) -> dict:
+    """The policy's tokens over the whole search (every trajectory), and the PRM's as an extra field."""
+    c = res["compute"]
+    prompt, completion = int(c.get("prompt_tokens", 0)), int(c.get("generated_tokens", 0))
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prm_tokens": int(c.get("prm_tokens", 0))}
+
+
+def _extra(res: dict) -> dict:
+    return {k: res[k] for k in ("answer", "method", "rule", "n", "compute", "router")}
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024)
 @serve.ingress(api)
 class Ingress:
-    def __init__(self, router, searcher, args: dict):
+    def __init__(self, router, searcher, args: dict, key_hashes: list[str] | None = None):
         self.router, self.searcher = router, searcher
         self.args = ServeArgs.model_validate(args)
         self.created = int(time.time())
-        self._methods: list[str] | None = None
+        self._limits: dict[str, int] | None = None
+        api.state.guard = {"key_hashes": list(key_hashes or []), "max_body_bytes": self.args.max_body_bytes}
 
-    async def methods(self) -> list[str]:
-        if self._methods is None:
-            self._methods = await self.router.methods.remote()
-        return self._methods
+    async def limits(self) -> dict[str, int]:
+        """Served methods -> their largest n (the router deployment's, fetched once)."""
+        if self._limits is None:
+            self._limits = await self.router.limits.remote()
+        return self._limits
 
-    async def _solve(self, question: Any, method: str, n: int | None, cost_weight: float | None,
-                     method_field: str = "method", n_field: str = "n") -> dict:
+    async def _prepare(self, question: Any, method: str, n: int | None, cost_weight: float | None,
+                       system: str | None = None, method_field: str = "method", n_field: str = "n",
+                       question_field: str = "question") -> dict:
+        """Every check a request meets before its search starts (so a streamed answer never starts on a bad
+        request), then the router's pick."""
         if not isinstance(question, str) or not question.strip():
-            raise BadRequest("question", "must be a non-empty string")
-        known = await self.methods()
-        if method != "auto" and method not in known:
-            raise BadRequest(method_field, f"unknown method {method!r} (served: auto, {', '.join(known)})")
+            raise BadRequest(question_field, "must be a non-empty string")
+        question = clean_text(question_field, question)
+        caps = await self.limits()
+        if method != "auto" and method not in caps:
+            raise BadRequest(method_field, f"unknown method {method!r} (served: auto, {', '.join(caps)})")
+        cap = max(caps.values()) if method == "auto" else caps[method]
+        if n is not None and n > cap:
+            whose = "any served method" if method == "auto" else method
+            raise BadRequest(n_field, f"at most {cap} for {whose} (serve args max_n)")
+        why = await self.searcher.check.remote(question, system)
+        if why is not None:
+            raise BadRequest(question_field, why)
         pick = await self.router.choose.remote(question, None if method == "auto" else method, n, cost_weight)
         if "error" in pick:
             raise BadRequest(n_field, pick["error"]["message"])
-        out = await self.searcher.solve.remote(question, pick["method"], pick["config"], pick["rule"], pick["n"])
+        return dict(pick, question=question, system=system, chosen="router" if method == "auto" else "fixed")
+
+    async def _search(self, pick: dict, over: dict | None, deadline_s: float | None, n_field: str = "n") -> dict:
+        out = await self.searcher.solve.remote(pick["question"], pick["method"], pick["config"], pick["rule"],
+                                               pick["n"], pick["system"], over or {}, deadline_s)
         if "error" in out:
-            field = n_field if out["error"]["field"] == "n" else out["error"]["field"]
-            raise BadRequest(field, out["error"]["message"])
-        return {"answer": out["answer"], "method": pick["method"], "rule": pick["rule"], "n": pick["n"],
-                "steps": out["steps"], "text": out["text"], "completion_tokens": out["completion_tokens"],
-                "compute": out["compute"],
-                "router": {"arm": pick["arm"], "predicted_accuracy": pick["predicted_accuracy"],
-                           "cost_weight": pick["cost_weight"], "chosen": "router" if method == "auto" else "fixed"}}
+            raise _search_error(out["error"], n_field)
+        return dict(out, method=pick["method"], rule=pick["rule"], n=pick["n"],
+                    router={"arm": pick["arm"], "predicted_accuracy": pick["predicted_accuracy"],
+                            "cost_weight": pick["cost_weight"], "chosen": pick["chosen"]})
 
     @api.post("/v1/solve")
     async def solve(self, req: SolveRequest) -> dict:
-        res = await self._solve(req.question, req.method, req.n, req.cost_weight)
-        res.pop("completion_tokens")
-        res.pop("text")
-        return res
+        pick = await self._prepare(req.question, req.method, req.n, req.cost_weight)
+        res = await self._search(pick, None, req.deadline_s)
+        return {k: res[k] for k in ("answer", "method", "rule", "n", "steps", "compute", "router")}
 
     @api.post("/v1/chat/completions")
-    async def chat(self, req: ChatRequest) -> dict:
-        if req.stream:
-            raise BadRequest("stream", "streaming is not supported")
-        if req.n not in (None, 1):
-            raise BadRequest("n", "ponder returns one choice; set the search budget with `budget`")
-        users = [m for m in req.messages if m.role == "user"]
-        if not users:
-            raise BadRequest("messages", "needs a user message (the question)")
-        content = users[-1].content
-        if isinstance(content, list):
-            content = "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
-        model = req.model
+    async def chat(self, req: ChatRequest):
+        req.refuse_unsupported()
+        model = clean_text("model", req.model)
         if model == "ponder-router":
             method = "auto"
-        elif model.startswith("ponder/"):
+        elif model.startswith("ponder/") and model[len("ponder/"):] in await self.limits():
             method = model[len("ponder/"):]
         else:
-            raise BadRequest("model", f"unknown model {model!r} (see GET /v1/models)")
+            raise ApiError("model", f"the model {model!r} does not exist (see GET /v1/models)", 404,
+                           "model_not_found")
+        system, question = req.prompt_parts()
+        pick = await self._prepare(question, method, req.budget, req.cost_weight, system, method_field="model",
+                                   n_field="budget", question_field="messages")
+        cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        if req.stream:
+            return StreamingResponse(self._stream(req, pick, model, cid, created), media_type="text/event-stream",
+                                     headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
+        res = await self._search(pick, req.overrides(), req.deadline_s, "budget")
+        text, finish = _finish(res, req.stops())
+        return {"id": cid, "object": "chat.completion", "created": created, "model": model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                             "finish_reason": finish, "logprobs": None}],
+                "usage": _usage(res), "ponder": _extra(res)}
+
+    async def _stream(self, req: ChatRequest, pick: dict, model: str, cid: str, created: int):
+        """SSE: a role chunk at once, comments while the search runs, the content, a final chunk with
+        finish_reason (and usage when stream_options.include_usage), then [DONE]. Leaving early (the client
+        disconnected) cancels the search."""
+        def chunk(delta: dict, finish: str | None = None, **extra) -> str:
+            return sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+                        "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}], **extra})
+
+        yield chunk({"role": "assistant", "content": ""})
+        task = asyncio.ensure_future(self._search(pick, req.overrides(), req.deadline_s, "budget"))
         try:
-            res = await self._solve(content, method, req.budget, req.cost_weight, method_field="model",
-                                    n_field="budget")
-        except BadRequest as e:
-            if e.field == "question":
-                raise BadRequest("messages", e.message) from None
-            raise
-        c = res["compute"]
-        prompt_tokens = int(c.get("prompt_tokens", 0))
-        completion = int(c.get("generated_tokens", 0))
-        return {
-            "id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion", "created": int(time.time()),
-            "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": res["text"]},
-                         "finish_reason": "stop", "logprobs": None}],
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
-                      "total_tokens": prompt_tokens + completion},
-            "ponder": {k: res[k] for k in ("answer", "method", "rule", "n", "compute", "router")},
-        }
+            while not task.done():
+                done, _ = await asyncio.wait({task}, timeout=self.args.keep_alive_s)
+                if not done:
+                    yield ": keep-alive\n\n"
+            try:
+                res = task.result()
+            except ApiError as e:
+                from actors.serve_http import error_body
+
+                yield sse(error_body(e.field, str(e), e.kind, e.code))
+                yield sse("[DONE]")
+                return
+            text, finish = _finish(res, req.stops())
+            yield chunk({"content": text})
+            yield chunk({}, finish, ponder=_extra(res))
+            if (req.stream_options or {}).get("include_usage"):
+                yield sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+                           "choices": [], "usage": _usage(res)})
+            yield sse("[DONE]")
+        finally:
+            if not task.done():
+                task.cancel()
 
     @api.get("/v1/models")
     async def models(self) -> dict:
-        ids = ["ponder-router"] + [f"ponder/{m}" for m in await self.methods()]
-        return {"object": "list", "data": [{"id": i, "object": "model", "created": self.created, "owned_by": "ponder"}
-                                           for i in ids]}
+        return {"object": "list", "data": [self._model(i) for i in await self._model_ids()]}
+
+    @api.get("/v1/models/{model_id:path}")
+    async def model(self, model_id: str) -> dict:
+        if model_id not in await self._model_ids():
+            raise ApiError("model", f"the model {ascii(model_id)[1:-1]!r} does not exist (see GET /v1/models)", 404,
+                           "model_not_found")
+        return self._model(model_id)
+
+    async def _model_ids(self) -> list[str]:
+        return ["ponder-router"] + [f"ponder/{m}" for m in await self.limits()]
+
+    def _model(self, mid: str) -> dict:
+        return {"id": mid, "object": "model", "created": self.created, "owned_by": "ponder"}
 
     @api.get("/healthz")
     async def healthz(self):
@@ -409,19 +579,35 @@ class Ingress:
         return {"status": "ok"}
 
 
-def build_app(args: dict) -> Any:
-    """The Serve application (`import_path: actors.serve:build_app`); `args` as `ServeArgs`."""
-    a = build_config(ServeArgs, dict(args or {}), source="serve args")
-    router_path(a.router_dir)
-    needs_prm = False
-    if a.prm is None:
-        import json
+def check_models(a: ServeArgs) -> None:
+    """Model paths that do not exist are one line naming their key, before Ray starts (as `ponder search`)."""
+    from actors.replicas import check_model
 
-        arms = json.loads((router_path(a.router_dir) / "arms.json").read_text())["arms"]
-        needs_prm = any(r["rule"] in ("naive", "weighted") or r["method"] not in ("greedy", "majority") for r in arms)
-    if needs_prm:
+    names = [("policy.model", a.policy.model)]
+    if a.prm is not None and a.prm.format != "toy-checker":
+        names.append(("prm.model", a.prm.model))
+    if a.prompt.tokenizer:
+        names.append(("prompt.tokenizer", a.prompt.tokenizer))
+    for key, name in names:
+        check_model(name, key)
+
+
+def build_app(args: dict) -> Any:
+    """The Serve application (`import_path: actors.serve:build_app`); `args` as `ServeArgs`. Every check that needs
+    no cluster runs here, before Ray starts: the router folder, the model paths, the API key sources."""
+    a = build_config(ServeArgs, dict(args or {}), source="serve args")
+    arms = json.loads((router_path(a.router_dir) / "arms.json").read_text())["arms"]
+    check_models(a)
+    keys = api_key_hashes(a)
+    unknown = sorted(set(a.max_n) - {r["method"] for r in arms} - set(a.methods))
+    if unknown:
+        raise ConfigError(f"max_n: {', '.join(unknown)} is not served (the router's methods and `methods`)")
+    if a.prm is None and any(r["rule"] in ("naive", "weighted") or r["method"] not in ("greedy", "majority")
+                             for r in arms):
         raise ConfigError("prm: the router's arms use a PRM (search methods or the naive / weighted rules): give "
                           "the serve args a `prm:` section")
     d = a.model_dump(mode="json")
     opts = {"max_ongoing_requests": a.max_ongoing_requests}
-    return Ingress.options(**opts).bind(RouterDeployment.options(**opts).bind(d), Searcher.options(**opts).bind(d), d)
+    inner = {"max_ongoing_requests": a.max_ongoing_requests + a.max_queued_requests}
+    return Ingress.options(**opts, max_queued_requests=a.max_queued_requests).bind(
+        RouterDeployment.options(**inner).bind(d), Searcher.options(**inner).bind(d), d, keys)
