@@ -283,7 +283,7 @@ def _fold(A, C, groups, ns, cols_by_n, base_cols, train, test) -> dict:
             hits, costs, pick = 0.0, [], {}
             for b, ib in bins.items():
                 tr, te = ib[train[ib]], ib[test[ib]]
-                j = _choose(A, C, tr if len(tr) else ib[~test[ib]], cols_by_n[N])
+                j = _choose(A, C, tr, cols_by_n[N])  # a bin with no training problem: the first candidate
                 pick[b] = j
                 hits += float(A[te, j].sum())
                 costs.append(C[te, j])
