@@ -1,9 +1,10 @@
 """`ponder serve --config configs/serve/toy.yaml` (= `python -m jobs.serve`): routed solving on Ray Serve.
 
 The config is a Ray Serve config file (the same file works with `serve run` and `serve deploy`): `http_options`
-and one application whose `args` are `actors.serve.ServeArgs` (router folder, policy and PRM pools, prompt). The
-job validates the args, starts Ray (or joins RAY_ADDRESS), deploys the application, prints where it listens, and
-blocks until Ctrl-C, then shuts Serve down.
+(host, port, root_path behind a reverse proxy, request_timeout_s, TLS files) and one application whose `args` are
+`actors.serve.ServeArgs` (router folder, policy and PRM pools, prompt, bounds, API keys). The job validates the
+args, the model paths and the API key sources before Ray starts (one line, exit 2), starts Ray (or joins
+RAY_ADDRESS), deploys the application, prints where it listens, and blocks until Ctrl-C, then shuts Serve down.
 """
 from __future__ import annotations
 
@@ -16,6 +17,10 @@ from app.config import ConfigError, read_recipe
 from jobs.common import init_ray, user_errors
 
 
+HTTP_KEYS = ("host", "port", "root_path", "request_timeout_s", "keep_alive_timeout_s", "ssl_keyfile", "ssl_certfile",
+             "ssl_keyfile_password", "ssl_ca_certs")
+
+
 def load(path: str) -> tuple[dict, dict]:
     """(http_options, the application's entry) of a Serve config file; one-line errors."""
     data, src = read_recipe(path)
@@ -25,7 +30,12 @@ def load(path: str) -> tuple[dict, dict]:
     app = apps[0]
     if app.get("import_path") != "actors.serve:build_app":
         raise ConfigError(f"{src}: applications[0].import_path must be actors.serve:build_app")
-    return dict(data.get("http_options") or {}), app
+    http = dict(data.get("http_options") or {})
+    unknown = sorted(set(http) - set(HTTP_KEYS))
+    if unknown:
+        raise ConfigError(f"{src}: http_options.{unknown[0]} is not a Serve HTTP option ponder serve passes on "
+                          f"(one of: {', '.join(HTTP_KEYS)})")
+    return {"host": "127.0.0.1", "port": 8000, **http}, app
 
 
 def start(path: str, num_cpus: int | None = None):
@@ -37,10 +47,11 @@ def start(path: str, num_cpus: int | None = None):
     http, entry = load(path)
     application = build_app(entry.get("args") or {})  # validates before Ray starts
     init_ray(num_cpus)
-    serve.start(http_options={"host": http.get("host", "127.0.0.1"), "port": int(http.get("port", 8000))})
+    serve.start(http_options=http)
     name = entry.get("name", "ponder")
     serve.run(application, name=name, route_prefix=entry.get("route_prefix", "/"), blocking=False)
-    return f"http://{http.get('host', '127.0.0.1')}:{int(http.get('port', 8000))}", name
+    scheme = "https" if http.get("ssl_certfile") else "http"
+    return f"{scheme}://{http['host']}:{int(http['port'])}{http.get('root_path') or ''}", name
 
 
 @user_errors

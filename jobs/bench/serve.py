@@ -6,6 +6,12 @@ method config through the search driver (what `ponder search` runs) on the SAME 
 from its search deployment), then fires them once more routed (`method: auto`). Figures: every request answered,
 p50 / p99 latency, and `serve_over_direct` = requests/s through Serve / problems/s of the driver. Serve runs first,
 so any prefix-cache warmth helps the driver, not Serve.
+
+The abuse run (`--abuse`, on by default) fires the same fixed-arm questions once more while one client asks for the
+largest budget the app allows (`--abuse-method` at its max_n), one asks for n = 10**9 (refused at once) and one
+disconnects `--abuse-disconnect-s` into a search of the largest budget: `serve_abuse_p99_ratio` = the ordinary
+requests' p99 in that run / their p99 in the first run (aim <= 1.5), and `abuse_cancelled` says whether the abandoned
+search stopped (the search deployment counted one more cancelled search and no search is left running).
 """
 from __future__ import annotations
 
@@ -24,6 +30,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n", type=int, default=4)
     p.add_argument("--recipe", default="toy/best_of_n", help="the search recipe of --method (the arm's config)")
     p.add_argument("--num-cpus", type=int, default=None)
+    p.add_argument("--abuse", action=argparse.BooleanOptionalAction, default=True, help="the abuse run")
+    p.add_argument("--abuse-method", default="best_of_n", help="the method the abusive clients ask for")
+    p.add_argument("--abuse-disconnect-s", type=float, default=2.0, help="when the leaving client disconnects")
 
 
 async def _fire(url: str, bodies: list[dict]) -> tuple[list[float], list[dict], float]:
@@ -39,6 +48,29 @@ async def _fire(url: str, bodies: list[dict]) -> tuple[list[float], list[dict], 
         out = await asyncio.gather(*(one(b) for b in bodies))
         wall = time.perf_counter() - t0
     return [o[0] for o in out], [o[1] for o in out], wall
+
+
+async def _abuse(url: str, bodies: list[dict], method: str, cap: int, leave_s: float) -> tuple:
+    """The ordinary bodies, fired together with a largest-budget client, an n = 10**9 client and a client that
+    leaves mid-search; (latencies, results, wall, statuses of the abusers)."""
+    import httpx
+
+    async def greedy_client():
+        async with httpx.AsyncClient(base_url=url, timeout=600) as c:
+            r = await c.post("/v1/solve", json={"question": bodies[0]["question"], "method": method, "n": cap})
+            huge = await c.post("/v1/solve", json={"question": bodies[0]["question"], "method": method, "n": 10 ** 9})
+            return r.status_code, huge.status_code
+
+    async def leaving_client():
+        async with httpx.AsyncClient(base_url=url, timeout=leave_s) as c:
+            try:
+                r = await c.post("/v1/solve", json={"question": bodies[1]["question"], "method": method, "n": cap})
+                return r.status_code
+            except httpx.TimeoutException:
+                return "left"
+
+    (lat, res, wall), greedy, leaving = await asyncio.gather(_fire(url, bodies), greedy_client(), leaving_client())
+    return lat, res, wall, {"max_budget": greedy[0], "huge_n": greedy[1], "leaving": leaving}
 
 
 def _row(name: str, lat: list[float], res: list[dict], wall: float) -> dict:
@@ -81,11 +113,30 @@ def run(args) -> tuple[list[dict], dict]:
         lat2, res2, wall2 = asyncio.run(_fire(url, [{"question": p.question} for p in problems]))
         rows.append(_row("serve auto (routed)", lat2, res2, wall2))
         arms = sorted({f"{r.get('method')}/{r.get('rule')}@{r.get('n')}" for r in res2 if "method" in r})
+        abuse = _abuse_run(args, url, name, fixed, rows) if args.abuse else {}
     finally:
         serve.shutdown()
-    s, d, a = rows
+    s, d, a = rows[:3]
     figures = {"questions": len(problems), "answered": s["answered"], "p50_s": s["p50_s"], "p99_s": s["p99_s"],
                "serve_req_per_s": s["req_per_s"], "direct_req_per_s": d["req_per_s"],
                "serve_over_direct": s["req_per_s"] / d["req_per_s"], "auto_answered": a["answered"],
-               "auto_p50_s": a["p50_s"], "auto_p99_s": a["p99_s"], "auto_arms": ", ".join(arms)}
+               "auto_p50_s": a["p50_s"], "auto_p99_s": a["p99_s"], "auto_arms": ", ".join(arms), **abuse}
     return rows, figures
+
+
+def _abuse_run(args, url: str, name: str, fixed: list[dict], rows: list[dict]) -> dict:
+    from ray import serve
+
+    searcher = serve.get_deployment_handle("Searcher", app_name=name)
+    router = serve.get_deployment_handle("RouterDeployment", app_name=name)
+    cap = router.limits.remote().result()[args.abuse_method]
+    before = searcher.stats.remote().result()
+    lat, res, wall, status = asyncio.run(_abuse(url, fixed, args.abuse_method, cap, args.abuse_disconnect_s))
+    rows.append(_row(f"serve {args.method} n={args.n} beside abusers", lat, res, wall))
+    deadline = time.monotonic() + 120
+    while (after := searcher.stats.remote().result())["running"] and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return {"abuse_answered": rows[-1]["answered"], "abuse_p50_s": rows[-1]["p50_s"], "abuse_p99_s": rows[-1]["p99_s"],
+            "serve_abuse_p99_ratio": rows[-1]["p99_s"] / rows[0]["p99_s"], "abuse_max_n": cap,
+            "abuse_status": status, "abuse_cancelled": after["cancelled"] > before["cancelled"]
+            and after["running"] == 0 and after["pool_inflight"] == 0}
