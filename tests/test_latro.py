@@ -153,6 +153,44 @@ def test_latro_two_workers_zero2_reward_rises_and_a_crashed_run_resumes(ray_clus
     assert (Path(path) / "model.safetensors").exists()
 
 
+class CrashOnceLaTROTask(CrashingLaTROTask):
+    """Crashes once (the flag goes with the crash), so that Ray Train restarts the worker group (max_failures)."""
+
+    def loss(self, model, batch):
+        if self.calls + 1 == self.crash_at and Path(self.flag).exists():
+            Path(self.flag).unlink()
+            self.calls += 1
+            raise RuntimeError("injected crash")
+        return super().loss(model, batch)
+
+
+def test_latro_worker_killed_before_the_first_checkpoint_rolls_out_at_the_trainers_version(
+        ray_cluster, tmp_path, pickled_by_value):
+    """The crash at step 3 comes before any checkpoint: Ray Train restarts the run from the start, whose weights
+    must reach the rollout actor (still at version 2 of the crashed attempt) before its first rollout."""
+    from train.loop import fit
+    from train.rollouts import start_rollout_pool
+    from train.sft import ToyData
+
+    run = TrainConfig(num_workers=1, zero_stage=2, micro_batch_size=2, lr=5e-5, warmup_steps=0, epochs=1,
+                      checkpoint_every_steps=None, max_failures=1, name="latro-restart",
+                      storage_path=str(tmp_path / "ray"), progress=False)
+    cfg = LaTROConfig(model="toy:policy", data="toy:train", toy=ToyData(n_per_level=6, levels=[2]),
+                      answer_template="The answer is \\boxed{{{gold}}}.", num_rationales=2,
+                      max_rationale_tokens=60, train=run)
+    pool = start_rollout_pool(cfg, "latro-restart-rollout")
+    flag = tmp_path / "crash"
+    flag.touch()
+    try:
+        result = fit(CrashOnceLaTROTask(cfg, pool, flag=str(flag), crash_at=3), run, desc="latro")
+    finally:
+        pool.shutdown()
+    assert result.error is None and not flag.exists()  # it crashed once, and the restarted run finished
+    rows = history(result)
+    assert result.metrics["start_step"] == 0 and [r["step"] for r in rows] == [1, 2, 3]
+    assert all(r["actor_version"] == r["trainer_step"] == r["step"] - 1 for r in rows), rows
+
+
 def test_latro_zero3_two_workers(ray_cluster, tmp_path):
     """ZeRO-3: pi0 is its own ZeRO-3 engine (KL 0 at step 1), the weights reach the rollout actor through the
     consolidated state dict (a name that did not fit would fail the push), and the export is whole."""

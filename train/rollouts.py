@@ -2,13 +2,18 @@
 step, the rollout timing, and the frozen reference.
 
 - `start_rollout_pool(cfg, name)`: a `PolicyActor` pool of the recipe's `rollout:` section (default: one HF
-  replica, float32), always serving `cfg.model`.
+  replica, float32), always serving `cfg.model`, with its `WeightLedger` (actors.weight_ledger).
 - `RolloutTask.weights_changed` (the loop's hook, on every rank, once before training and after every optimizer
   step): the full state dict is gathered (ZeRO 0-2: the module's on rank 0; ZeRO-3: DeepSpeed's consolidated 16-bit
-  state dict, a collective), rank 0 pushes it to every replica (`PolicyActor.update_weights`, in buckets of
-  `sync_bucket_mb` through the object store), and all ranks wait at a barrier, so every rollout is sampled from the
-  current weights. A fresh run's actors already hold the start, so nothing is pushed before step 1; a resumed run
-  pushes its checkpoint's weights before the first rollout.
+  state dict, a collective), rank 0 pushes it to every replica as ONE weight-update session (`push_weights`:
+  `start_weight_update`, a `load_weights_chunk` per bucket of `sync_bucket_mb` through the object store,
+  `finish_weight_update(global_step)`; vLLM rebuilds each layer once it holds all its tensors, so a bucket may
+  split a fused layer) and records it in the ledger, and all ranks wait at a barrier. The first call of a run
+  pushes too (version = the start step): a fresh run, a resume, or Ray Train's restart of a run that crashed
+  before its first checkpoint, whose replicas still serve the crashed attempt's weights.
+- Weight versions: every replica reports the version it serves (`PolicyActor.served_version`, `stats()`), and
+  `RolloutTask.generate` asks for `self.step`'s: a replica at another version refuses (`StaleWeights`), so no
+  rollout is sampled from other weights; a replica Ray restarts loads the ledger's version before its first batch.
 - `RolloutTask.generate(requests)`: the pool's completions and the seconds they took (`rollout_s`);
   `last_step_s` is the wall time of the previous optimizer step, weight sync included; `rollout_share(rows)` turns
   a run's per-step rows into the share of a step spent generating rollouts.
@@ -27,11 +32,17 @@ from train.loop import TrainTask, deepspeed_config
 
 
 def start_rollout_pool(cfg, name: str):
-    """The rollout actors of a LaTRO / PPO recipe (`cfg.rollout`, `cfg.model`): a started `ModelPool`."""
+    """The rollout actors of a LaTRO / PPO recipe (`cfg.rollout`, `cfg.model`): a started `ModelPool`, with the
+    `WeightLedger` its pushes are recorded in (`pool.weights_ledger`: the handle keeps the actor alive), which a
+    restarted replica loads."""
     from actors.policy import start_policy_pool
+    from actors.weight_ledger import ledger_name, start_ledger
 
     pool_cfg = (cfg.rollout or PoolConfig(engine="hf", dtype="float32")).model_copy(update={"model": cfg.model})
-    return start_policy_pool(pool_cfg, name=name)
+    ledger = start_ledger(name)
+    pool = start_policy_pool(pool_cfg, name=name, weights_from=ledger_name(name))
+    pool.weights_ledger = ledger
+    return pool
 
 
 def gather_state(engine, zero_stage: int, rank: int) -> dict | None:
@@ -42,24 +53,36 @@ def gather_state(engine, zero_stage: int, rank: int) -> dict | None:
     return engine.module.state_dict() if rank == 0 else None
 
 
-def push_weights(pool, state: dict, version: int, bucket_mb: float) -> None:
-    """Send `state` to every replica of the rollout pool in buckets of about `bucket_mb` MiB (one object-store
-    object each, shared by the replicas); the last bucket carries the final version."""
-    import ray
-
-    buckets, cur, size = [], {}, 0
+def buckets(state: dict, bucket_mb: float) -> list[dict]:
+    """`state` cut into dicts of about `bucket_mb` MiB at tensor boundaries, in state-dict order (a bucket may
+    split a layer's tensors: q from k and v, gate from up; the update session puts them back together)."""
+    out, cur, size = [], {}, 0
     for k, v in state.items():
         cur[k] = v.detach().cpu()
         size += v.numel() * v.element_size()
         if size >= bucket_mb * 2**20:
-            buckets.append(cur)
+            out.append(cur)
             cur, size = {}, 0
     if cur:
-        buckets.append(cur)
-    for b in buckets:
-        ref = ray.put(b)
-        got = pool.pool.broadcast("update_weights", ref, version)
-        assert all(g == version for g in got), got
+        out.append(cur)
+    return out
+
+
+def push_weights(pool, state: dict, version: int, bucket_mb: float) -> None:
+    """Send `state` to every replica of the rollout pool as ONE weight-update session: `start_weight_update`,
+    one `load_weights_chunk` per bucket of about `bucket_mb` MiB (one object-store object each, shared by the
+    replicas), `finish_weight_update(version)`. A replica serves nothing in between, and answers the version."""
+    import ray
+
+    refs = [ray.put(b) for b in buckets(state, bucket_mb)]
+    pool.pool.broadcast("start_weight_update")
+    for ref in refs:
+        pool.pool.broadcast("load_weights_chunk", ref)
+    got = pool.pool.broadcast("finish_weight_update", version)
+    assert all(g == version for g in got), got
+    ledger = getattr(pool, "weights_ledger", None)
+    if ledger:  # what a replica that Ray restarts loads before it serves (actors.weight_ledger)
+        ray.get(ledger.record.remote(version, refs))
 
 
 def rollout_share(rows: list[dict], grad_accum: int = 1) -> float:
@@ -69,6 +92,9 @@ def rollout_share(rows: list[dict], grad_accum: int = 1) -> float:
     pairs = [(rows[i - 1]["rollout_s"] * grad_accum, rows[i]["last_step_s"]) for i in range(1, len(rows))]
     pairs = pairs[1:] or pairs
     return sum(a for a, _ in pairs) / max(sum(b for _, b in pairs), 1e-9)
+
+
+STALE_RETRIES = 3  # a rollout refused for another weights version is asked again this often, 1 s apart
 
 
 class RolloutTask(TrainTask):
@@ -89,14 +115,14 @@ class RolloutTask(TrainTask):
         return state
 
     def weights_changed(self, engine, global_step, rank, world):
-        """Push the weights to the rollout actors (rank 0), then every rank waits for them; also times the steps."""
+        """Push the weights to the rollout actors (rank 0), then every rank waits for them; also times the steps.
+        The first call of a run pushes too, fresh or resumed (the actors may hold a crashed attempt's weights)."""
         import torch
 
-        if self._t_step is not None or global_step > 0:  # a fresh run's actors already hold the start
-            state = self.rollout_state(gather_state(engine, self.cfg.train.zero_stage, rank))
-            if rank == 0 and self.pool is not None:
-                push_weights(self.pool, state, global_step, self.cfg.sync_bucket_mb)
-            del state
+        state = self.rollout_state(gather_state(engine, self.cfg.train.zero_stage, rank))
+        if rank == 0 and self.pool is not None:
+            push_weights(self.pool, state, global_step, self.cfg.sync_bucket_mb)
+        del state
         if world > 1:
             torch.distributed.barrier()  # nobody samples before the actors have the new weights
         self.step = global_step
@@ -110,9 +136,20 @@ class RolloutTask(TrainTask):
         return self._last_step_s
 
     def generate(self, requests) -> tuple[list, float]:
-        """The rollout pool's completions of `requests` and the seconds they took."""
+        """The rollout pool's completions of `requests`, sampled from the weights of `self.step` (a replica that
+        serves another version refuses; tried again a few times, then an error), and the seconds they took."""
+        from actors.policy import StaleWeights
+
         t0 = time.perf_counter()
-        out = self.pool.client().generate(requests)
+        for attempt in range(STALE_RETRIES + 1):
+            try:
+                out = self.pool.client().generate_at(requests, self.step)
+                break
+            except StaleWeights as e:
+                if attempt == STALE_RETRIES:
+                    raise RuntimeError(f"rollouts at step {self.step}: {e}; the push of this version did not reach "
+                                       "every rollout replica") from e
+                time.sleep(1.0)
         return out, time.perf_counter() - t0
 
     def frozen_reference(self, engine, build, part=lambda module: module):

@@ -109,7 +109,9 @@ class VLLMEngine:
             # prefill, and a CPU generator cannot rewind: "CPU Generator does not use offset" kills the engine
             # as soon as concurrent seeded prompts exceed one step's token budget. Whole prefills avoid it.
             args["enable_chunked_prefill"] = False
-        args.setdefault("worker_extension_cls", "actors.engines.vllm.WeightSyncWorker")  # update_weights
+        # importing the extension in vLLM's worker registers the `ponder_rpc` weight-transfer backend
+        args.setdefault("worker_extension_cls", "actors.engines.vllm_transfer.WeightSyncWorker")
+        args.setdefault("weight_transfer_config", {"backend": "ponder_rpc"})
         for key, value in vllm_executor_args(tensor_parallel_size).items():
             args.setdefault(key, value)
         args.update(engine_args)
@@ -211,32 +213,55 @@ class VLLMEngine:
         fut = asyncio.run_coroutine_threadsafe(self._generate(list(requests)), self._loop)
         return await asyncio.wrap_future(fut)
 
-    async def update_weights(self, state, version: int | None = None) -> int | None:
-        """Load new weights into the live engine (RL weight sync), as `HFEngine.update_weights` does.
-
-        Through vLLM's `collective_rpc` to `WeightSyncWorker.ponder_load_weights` on every worker (the model's own
-        `load_weights`, which maps HF names onto vLLM's fused layers), then `reset_prefix_cache` (cached blocks
-        hold keys and values of the old weights). Tensors travel by vLLM's RPC serialisation: right for toy and
-        small models and for CPU; a 7B model on GPUs wants vLLM's NCCL weight-transfer engine
-        (`vllm.distributed.weight_transfer`, `AsyncLLM.update_weights`) instead, not wired here."""
-        from actors.engines.hf import read_weights
-
+    async def _on_loop(self, coro):
         if self._closed:
             raise RuntimeError("VLLMEngine is closed")
-        import torch
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self._loop))
 
-        # as raw bytes: vLLM's RPC encoder turns a tensor inside a dict argument into nested lists
-        state = {k: (str(v.dtype).removeprefix("torch."), list(v.shape),
-                     v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-                 for k, v in read_weights(state).items()}
+    async def start_weight_update(self) -> None:
+        """Open one weight-update session (vLLM's `AsyncLLM.start_weight_update`): every layer goes onto vLLM's
+        layer-wise reload, and is rebuilt only once it has received all its tensors, whatever chunks they came in.
+        Nothing may be generated until `finish_weight_update` (the PolicyActor holds its callers)."""
+        await self._on_loop(self.llm.start_weight_update())
 
+    async def load_weights_chunk(self, state) -> int:
+        """One chunk of the session: any subset of the HF state dict (a bucket may split a fused q/k/v or gate/up
+        layer; its rest may come in a later chunk). Returns the number of tensors sent."""
+        from vllm.distributed.weight_transfer.base import WeightTransferUpdateRequest
+
+        from actors.engines.hf import read_weights
+        from actors.engines.vllm_transfer import encode_tensor
+
+        tensors = [encode_tensor(k, v) for k, v in read_weights(state).items()]
+        await self._on_loop(self.llm.update_weights(WeightTransferUpdateRequest(update_info={"tensors": tensors})))
+        return len(tensors)
+
+    async def finish_weight_update(self, version: int | None = None) -> int | None:
+        """Close the session (vLLM rebuilds what is left and records `version` as its weight version), then drop
+        the prefix cache (its blocks hold keys and values of the old weights)."""
         async def run():
-            await self.llm.collective_rpc("ponder_load_weights", args=(state,))
+            await self.llm.finish_weight_update(None if version is None else str(version))
             await self.llm.reset_prefix_cache()
 
-        await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(run(), self._loop))
+        await self._on_loop(run())
         self.weights_version = version
         return version
+
+    async def served_version(self) -> str | None:
+        """The weight version vLLM has committed (None before the first session)."""
+        return await self._on_loop(self.llm.get_weight_version())
+
+    async def update_weights(self, state, version: int | None = None) -> int | None:
+        """Load new weights into the live engine (RL weight sync) as ONE session: start, one chunk, finish.
+
+        Several chunks of one version must share a session (`start_weight_update`, `load_weights_chunk` per chunk,
+        `finish_weight_update`): vLLM's reload rebuilds a layer from the tensors its session received, so a
+        session per chunk rebuilds a fused layer that got only part of its tensors (q without k/v) from
+        uninitialised memory. The chunks travel by vLLM's RPC (the `ponder_rpc` weight-transfer backend, actors.engines.vllm_transfer):
+        right for CPU and small models; a 7B model on GPUs wants vLLM's NCCL backend (docs/design.md)."""
+        await self.start_weight_update()
+        await self.load_weights_chunk(state)  # a chunk that fails ends vLLM's session (and leaves the layers it
+        return await self.finish_weight_update(version)  # had taken apart: push a whole version again)
 
     def generate_sync(self, requests: Sequence[GenerationRequest]) -> list[list[Completion]]:
         if self._closed:
@@ -270,24 +295,3 @@ class VLLMEngine:
             self.close()
         except Exception:
             pass
-
-
-class WeightSyncWorker:
-    """vLLM worker extension (`worker_extension_cls`): the method `VLLMEngine.update_weights` calls on each worker."""
-
-    def ponder_load_weights(self, state: dict) -> int:
-        """state: {name: (dtype name, shape, raw bytes)}, as `VLLMEngine.update_weights` sends it."""
-        import torch
-
-        device = next(self.model_runner.model.parameters()).device  # type: ignore[attr-defined]
-
-        def tensor(dtype: str, shape: list, raw: bytes):
-            t = torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(getattr(torch, dtype)).reshape(shape)
-            return t.to(device)
-
-        # vLLM's in-place reload (model_loader.reload): the model's own load_weights maps HF names onto vLLM's
-        # fused layers, and the layers that repacked their weights after loading (CPU kernels do) are redone;
-        # a plain model.load_weights after start fails there ("no attribute 'weight_loader'")
-        self.model_runner.reload_weights(  # type: ignore[attr-defined]
-            weights_iterator=((k, tensor(*v)) for k, v in state.items()))
-        return len(state)
