@@ -5,7 +5,10 @@ run starts) and its failures (failures.jsonl), and prints "solved k of K, f fail
 problem has a record, right or wrong), the accuracy per selection rule (naive, weighted, maj) and n over all K
 problems (a failed or missing one is wrong), and the mean compute per solved problem (tokens, FLOPs, seconds);
 --by-level adds one table per difficulty level; --json prints the summary as one JSON object instead, with the
-same counts (problems = K, solved, failed, missing).
+same counts (problems = K, solved, failed, missing). For a method that runs once at N (beam search, DVTS, particle
+filtering and Gibbs, REBASE, MCTS) the n < N columns are marked `*` (`subsets` in the JSON): the rule over the
+first n of that one run's trajectories, not a run at budget n. A run with `final_selection: sample` shows its
+`naive` row as "naive (drawn)": at N it is the method's drawn answer, not the argmax (`drawn` in the JSON).
 """
 from __future__ import annotations
 
