@@ -35,9 +35,31 @@ def init_ray(num_cpus: int | None = None, **kwargs) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], **kwargs)
     else:
+        # address="local": always a new instance of this job's own, never one another run left behind or a
+        # `ray start` head found by auto-detection (which fails with "Found multiple active Ray instances").
         # Ray's default starts the dashboard: Ray Train's PlacementGroupCleaner asks its State API whether the
         # controller is alive, and without it logs a warning every second of every training run.
-        ray.init(num_cpus=num_cpus or max(2, os.cpu_count() or 2), **kwargs)
+        ray.init(address="local", num_cpus=num_cpus or max(2, os.cpu_count() or 2), **kwargs)
+        shutdown_ray_on_signals()
+
+
+def shutdown_ray_on_signals() -> None:
+    """SIGTERM and SIGHUP end a job that started its own Ray as Ctrl-C does: an exception in the main thread, so
+    `finally` blocks and Ray's atexit `ray.shutdown()` stop the local instance with it. Called after `ray.init`:
+    the driver's core worker installs a native failure handler that aborts the process on SIGTERM (exit -6, no
+    atexit), replacing the Python handler `ray.init` set before it, and SIGHUP's default kills Python outright;
+    either way the instance would stay behind for the next run to stumble on."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, interrupt)
 
 
 def _count(n: float) -> str:
@@ -97,8 +119,8 @@ def user_errors(main: Callable[..., int | None]) -> Callable[..., int]:
         except (ConfigError, FileNotFoundError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-        except KeyboardInterrupt:
-            print("interrupted", file=sys.stderr)
+        except KeyboardInterrupt as e:
+            print(f"interrupted ({e})" if str(e) else "interrupted", file=sys.stderr)  # Ctrl-C, or SIGTERM/SIGHUP
             return 130
 
     return wrapped

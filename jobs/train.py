@@ -103,8 +103,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         pools, extra = demand(cfg)
         return dry_run(pools, extra=extra)
+    from train.startup import StalledStart
+
     init_ray()
-    result, path = mod.train(cfg)
+    try:
+        result, path = mod.train(cfg)
+    except StalledStart as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
     print(f"{cfg.job}: done; model at {path}")
     print("  " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))

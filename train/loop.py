@@ -7,6 +7,8 @@
   `deepspeed.initialize` (DeepSpeed's own fused/CPU Adam would need a compiled op; ZeRO shards the torch one just as
   well), with a linear-warmup + cosine schedule.
 - Backend: gloo on CPU (`DS_ACCELERATOR=cpu` in the worker, which DeepSpeed's CPU accelerator needs), nccl on GPU.
+  No DeepSpeed op is compiled at run time, and a worker that has not finished its first step after
+  `train.start_timeout_s` fails naming what it waits on (`train.startup`).
 - Checkpoints go through Ray Train: every `checkpoint_every_steps` optimizer steps and at the end of each epoch,
   every worker writes its DeepSpeed shards (`engine.save_checkpoint`) into a local folder and calls
   `ray.train.report(metrics, checkpoint=...)`; Ray merges the folders of all workers into one checkpoint under
@@ -91,6 +93,9 @@ class TrainConfig(Config):
                                          "gradient checkpointing, non-reentrant): big models on GPU")
     bucket_size: int = Field(20_000_000, ge=1, description="ZeRO reduce/allgather bucket (elements)")
     progress: bool = True
+    start_timeout_s: float = Field(900, gt=0, description="a worker that has not finished its first optimizer step "
+                                   "after this long fails the run, naming what it waits on (a build lock, a peer "
+                                   "rank, a slow model load): raise it for big models on slow storage")
 
     @field_validator("storage_path")
     @classmethod
@@ -236,13 +241,31 @@ def _export_hf(engine, tokenizer, cfg: TrainConfig, out: Path, rank: int) -> Non
 
 
 def worker_loop(config: dict) -> None:
-    """The per-worker training function given to TorchTrainer."""
+    """The per-worker training function given to TorchTrainer: `_train` under a `StartWatchdog`, with DeepSpeed's
+    runtime op build switched off (train.startup says why)."""
+    import ray.train
+
+    from train.startup import StartWatchdog, _Stall, skip_runtime_op_builds
+
+    cfg: TrainConfig = config["train"]
+    ctx = ray.train.get_context()
+    watchdog = StartWatchdog(cfg.start_timeout_s, ctx.get_world_rank(), ctx.get_world_size())
+    if not cfg.use_gpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before DeepSpeed is imported: its CPU accelerator
+    with watchdog:
+        try:
+            watchdog.phase("importing DeepSpeed")
+            skip_runtime_op_builds()
+            _train(config, watchdog)
+        except _Stall:
+            raise watchdog.error() from None
+
+
+def _train(config: dict, watchdog) -> None:
     import torch
 
     cfg: TrainConfig = config["train"]
     task: TrainTask = config["task"]
-    if not cfg.use_gpu:
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     torch.set_num_threads(max(1, int(cfg.torch_threads or cfg.cpus_per_worker)))
     import deepspeed
     import ray.train
@@ -253,6 +276,7 @@ def worker_loop(config: dict) -> None:
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
 
+    watchdog.phase("reading the latest checkpoint's state")
     checkpoint = ray.train.get_checkpoint()
     state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0}
     if checkpoint:
@@ -266,6 +290,7 @@ def worker_loop(config: dict) -> None:
             ray.train.report(dict(state.get("metrics", {}), resumed_finished=True))
             return
 
+    watchdog.phase("reading the training data (task.load_examples)")
     tokenizer = task.build_tokenizer()
     examples = task.load_examples(tokenizer)
     if not examples:
@@ -278,9 +303,11 @@ def worker_loop(config: dict) -> None:
         # the weights into the shards), instead of the full fp32 model per worker.
         from transformers.integrations import HfDeepSpeedConfig
 
+        watchdog.phase("in deepspeed.init_distributed (ZeRO-3's process group)")
         deepspeed.init_distributed(dist_backend="nccl" if cfg.use_gpu else "gloo")  # wraps Ray Train's process
         # group, so the config sees the real world size
         hf_ds = HfDeepSpeedConfig(ds_config)
+    watchdog.phase("building the model (task.build_model)")
     model = task.build_model()
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -315,13 +342,16 @@ def worker_loop(config: dict) -> None:
         betas=tuple(cfg.betas),
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg, total_steps))
+    watchdog.phase("in deepspeed.initialize (the process group, runtime-built ops)")
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
     )
     device = engine.device
+    watchdog.phase("preparing the task (task.prepare: e.g. DPO's reference log-probs)")
     task.prepare(engine, examples, tokenizer, rank, world)  # the starting weights, before a checkpoint loads
 
     history: list[dict] = []  # one row per optimizer step (rank 0 writes them into each checkpoint)
+    watchdog.phase("loading the checkpoint")
     if checkpoint:
         with checkpoint.as_directory() as d:
             engine.load_checkpoint(str(Path(d) / "ds"), tag="state")
@@ -331,7 +361,9 @@ def worker_loop(config: dict) -> None:
                 history = [r for r in history if r["step"] <= state["global_step"]]
         if rank == 0:
             print(f"resumed from {checkpoint.path}: epoch {state['epoch']}, global step {state['global_step']}", flush=True)
+    watchdog.phase("pushing the starting weights (task.weights_changed: RL rollout pools)")
     task.weights_changed(engine, state["global_step"], rank, world)
+    watchdog.phase("running the first optimizer step (its collectives wait on every rank)")
 
     bar = tqdm(total=total_steps, initial=state["global_step"], desc=config.get("desc", "train"),
                disable=rank != 0 or not cfg.progress, dynamic_ncols=True, mininterval=2.0)
@@ -396,6 +428,7 @@ def worker_loop(config: dict) -> None:
             if (mi + 1) % cfg.grad_accum:
                 continue
             state["global_step"] += 1
+            watchdog.started()
             task.weights_changed(engine, state["global_step"], rank, world)
             state["step_in_epoch"] = (mi + 1) // cfg.grad_accum
             row = dict(step=state["global_step"], epoch=epoch, lr=lr, **means_all(step_sums, step_n),
@@ -467,9 +500,17 @@ def fit_and_export(task: TrainTask, cfg: TrainConfig, desc: str, output: str | N
                    dtype: str = "bfloat16", model_class=None) -> tuple[Any, Path | str]:
     """`fit`, raise its error if it failed, and return (result, the exported model: `output` if given, written
     compact by `save_compact`, else the checkpoint's `hf/`, a local path or a URI)."""
-    result = fit(task, cfg, desc=desc)
-    if result.error:
-        raise result.error
+    from train.startup import StalledStart, stalled_start_in
+
+    try:
+        result = fit(task, cfg, desc=desc)
+        if result.error:
+            raise result.error
+    except Exception as e:
+        stalled = stalled_start_in(e)
+        if stalled:
+            raise StalledStart(stalled) from None  # the one line that says what to do, not Ray's traceback
+        raise
     path = exported_model(result)
     if output:
         path = export_to(result.checkpoint, output, dtype=dtype, model_class=model_class)
