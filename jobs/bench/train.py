@@ -1,4 +1,5 @@
-"""`python -m jobs.bench train [--steps S] [--micro-batch B] [--skip-rl] [--json]`: what ponder's training costs.
+"""`python -m jobs.bench train [--steps S] [--micro-batch B] [--skip-rl] [--skip-sync | --sync-only] [--json]`: what
+ponder's training costs.
 
 train_overhead = seconds per optimizer step of ponder's DPO (Ray Train, 1 worker, DeepSpeed ZeRO-0, the shared
 loop's own `step_s`) / seconds per optimizer step of TRL's `DPOTrainer` run in one plain process, on the same pairs,
@@ -8,6 +9,11 @@ DeepSpeed add nothing per step.
 
 rollout_share (LaTRO and PPO): the share of an optimizer step spent generating rollouts through the policy pool
 (`train.latro.rollout_share` over the run's per-step rows), from short toy runs; `--skip-rl` leaves them out.
+
+sync_s_per_gb: wall seconds per GB of weights pushed to a rollout pool by `train.rollouts.push_weights` (one update
+session: object-store buckets of `--sync-bucket-mb`, every chunk to the replica, finish), for a random-weight
+Llama of about `--sync-mb` MiB in float32 (the toy tokenizer, head size 64), on the `--sync-engine` (hf or vllm);
+the median of 3 pushes after a warm-up push. CPU here: the figure for 7B over NCCL is derived in docs/design.md.
 
 The pairs are the toy world's: chosen = a correct worked solution, rejected = the same solution with a wrong final
 answer, so both trainers see identical tokens.
@@ -27,6 +33,11 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--micro-batch", type=int, default=8, help="pairs per optimizer step")
     parser.add_argument("--skip-rl", action="store_true", help="leave out the LaTRO and PPO rollout shares")
     parser.add_argument("--rl-steps", type=int, default=6, help="optimizer steps of the LaTRO and PPO runs")
+    parser.add_argument("--sync-mb", type=float, default=256, help="size of the random model pushed (MiB)")
+    parser.add_argument("--sync-bucket-mb", type=float, default=64, help="bucket size of the weight push (MiB)")
+    parser.add_argument("--sync-engine", choices=("hf", "vllm"), default="hf", help="engine of the rollout pool")
+    parser.add_argument("--skip-sync", action="store_true", help="leave out sync_s_per_gb")
+    parser.add_argument("--sync-only", action="store_true", help="measure sync_s_per_gb alone")
 
 
 def toy_pairs(n: int) -> list[dict]:
@@ -114,6 +125,63 @@ def rl_share(job: str, steps: int, work: Path) -> float:
     return rollout_share(_metrics(result.checkpoint), getattr(cfg.train, "grad_accum", 1))
 
 
+def random_model(folder: Path, mib: float) -> Path:
+    """A random-weight Llama (8 layers, head size 64, the toy tokenizer) of about `mib` MiB in float32."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from app.toy import resolve_model
+
+    toy = Path(resolve_model("toy:policy"))
+    vocab = LlamaConfig.from_pretrained(toy).vocab_size
+    hidden = max(64, int((mib * 2**20 / 4 / 8 / 11) ** 0.5) // 64 * 64)  # 8 x (4 + 3 x 2.75) hidden^2 parameters
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=int(hidden * 2.75) // 64 * 64,
+                      num_hidden_layers=8, num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64,
+                      head_dim=64, max_position_embeddings=1024, tie_word_embeddings=True, bos_token_id=3,
+                      eos_token_id=1, pad_token_id=0)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(toy / name, folder / name)
+    return folder
+
+
+def sync_speed(args, work: Path) -> dict:
+    """Seconds per GB of `push_weights` into a one-replica rollout pool (module docstring)."""
+    from types import SimpleNamespace
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from app.pool_config import PoolConfig
+    from train.rollouts import push_weights, start_rollout_pool
+
+    path = random_model(work / "sync-model", args.sync_mb)
+    state = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).state_dict()
+    gb = sum(v.numel() * v.element_size() for v in state.values()) / 1e9
+    pool = start_rollout_pool(SimpleNamespace(rollout=PoolConfig(engine=args.sync_engine, dtype="float32"),
+                                              model=str(path)), "bench-sync")
+    try:
+        times = []
+        for version in range(4):  # the first is warm-up
+            t0 = time.perf_counter()
+            push_weights(pool, state, version, args.sync_bucket_mb)
+            times.append(time.perf_counter() - t0)
+    finally:
+        pool.shutdown()
+    s = statistics.median(times[1:])
+    return dict(sync_s_per_gb=round(s / gb, 3), sync_gb=round(gb, 3), sync_s=round(s, 3),
+                sync_engine=args.sync_engine, sync_bucket_mb=args.sync_bucket_mb)
+
+
+def _sync_row(sync: dict) -> dict:
+    return dict(run=f"weight push into a {sync['sync_engine']} rollout pool ({sync['sync_gb']} GB, "
+                    f"{sync['sync_bucket_mb']:g} MiB buckets)", s_per_push=sync["sync_s"],
+                sync_s_per_gb=sync["sync_s_per_gb"])
+
+
 def run(args) -> tuple[list[dict], dict]:
     from jobs.common import init_ray
 
@@ -122,6 +190,10 @@ def run(args) -> tuple[list[dict], dict]:
     figures: dict = {}
     with tempfile.TemporaryDirectory(prefix="ponder-bench-train-") as tmp:
         work = Path(tmp)
+        if args.sync_only:
+            sync = sync_speed(args, work)
+            rows.append(_sync_row(sync))
+            return rows, dict(sync)
         pairs = toy_pairs(args.steps * args.micro_batch)
         data = work / "pairs.jsonl"
         data.write_text("".join(json.dumps(p) + "\n" for p in pairs))
@@ -132,6 +204,10 @@ def run(args) -> tuple[list[dict], dict]:
                  dict(run="TRL DPOTrainer (one process)", steps=len(t_trl), s_per_step=b)]
         figures.update(train_overhead=round(a / b, 3), ponder_s_per_step=round(a, 4), trl_s_per_step=round(b, 4),
                        steps=args.steps, micro_batch=args.micro_batch)
+        if not args.skip_sync:
+            sync = sync_speed(args, work)
+            rows.append(_sync_row(sync))
+            figures.update(sync)
         if not args.skip_rl:
             for job in ("latro", "ppo"):
                 share = rl_share(job, args.rl_steps, work)
