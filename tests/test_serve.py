@@ -239,6 +239,8 @@ def test_body_cap_413(http):
             yield b" " * 4096
     r = http.post("/v1/solve", content=chunks(), headers={"content-type": "application/json"})
     is_openai_error(r, 413, "body", "body_too_large")
+    r = http.post("/v1/solve", content=b"x" * (64 << 20), headers={"content-type": "application/json"})
+    is_openai_error(r, 413, "body", "body_too_large")  # the 64 MiB body: answered, not parsed
     assert http.get("/healthz").status_code == 200
 
 
@@ -305,6 +307,12 @@ def test_disconnect_cancels_the_search(endpoint):
             c.post("/v1/solve", json={"question": Q, "method": "majority", "n": 1024})
     after = wait_idle(before)
     assert after["finished"] == before["finished"]  # it stopped, it did not run to the end
+    # a streamed answer left after its role chunk
+    body = {"model": "ponder/majority", "messages": [{"role": "user", "content": Q}], "stream": True, "budget": 1024}
+    with httpx.Client(base_url=endpoint, headers=AUTH, timeout=60) as c:
+        with c.stream("POST", "/v1/chat/completions", json=body) as s:
+            assert '"role": "assistant"' in next(s.iter_lines())
+    assert wait_idle(after)["finished"] == before["finished"]
 
 
 def test_overload_is_refused_at_once(endpoint, http):
