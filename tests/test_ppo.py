@@ -49,6 +49,19 @@ def test_clipped_policy_and_value_losses_by_hand():
     assert float(value_loss(v, old_v, R, torch.ones(1, 2), clip=0.2)) == pytest.approx(0.5 * (1.69 + 0.01) / 2)
 
 
+def test_rollout_seeds_are_keyed_by_example():
+    """Two ranks' micro batches (different examples, same step) sample with different seeds; the same example at
+    the same step always gets the same one (it was the position in the micro batch: every rank drew alike)."""
+    from train.sft import ToyData
+
+    task = PPOTask(PPOConfig(toy=ToyData(n_per_level=4, levels=[2])))
+    ex = task.load_examples(task.build_tokenizer())
+    rank0, rank1 = task.collate(ex[0:2], None), task.collate(ex[2:4], None)
+    seeds = [[task.rollout_seed(i) for i in b["idx"]] for b in (rank0, rank1)]
+    assert len(set(seeds[0] + seeds[1])) == 4
+    assert seeds[1] == [task.rollout_seed(i) for i in task.collate(ex[2:4], None)["idx"]]
+
+
 def test_config_defaults_and_bad_values():
     c = PPOConfig()
     assert (c.kl_coef, c.reward_clip, c.gamma, c.lam, c.clip, c.value_clip, c.ppo_epochs) == (

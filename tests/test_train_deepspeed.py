@@ -18,6 +18,16 @@ def test_deepspeed_config_from_recipe():
     assert deepspeed_config(cfg.model_copy(update={"use_gpu": True}))["bf16"]["enabled"] is True
 
 
+def test_preemptions_are_bounded_with_the_failures():
+    """Ray Train counts preemptions apart from max_failures, unlimited unless set: bounded with the same number."""
+    from train.loop import failure_config
+
+    f = failure_config(TrainConfig(max_failures=3))
+    assert (f.max_failures, f.max_preemption_failures) == (3, 3)
+    f = failure_config(TrainConfig(max_failures=3, max_preemption_failures=-1))
+    assert (f.max_failures, f.max_preemption_failures) == (3, -1)
+
+
 def test_epoch_batches_deterministic_and_even():
     lengths = [5 + (i * 7) % 30 for i in range(203)]
     a = epoch_batches(lengths, micro=4, world=2, accum=3, seed=1, epoch=0)

@@ -194,7 +194,7 @@ class LaTROTask(RolloutTask):
         cfg = self.cfg
         reqs = [GenerationRequest(p, n=cfg.num_rationales, temperature=cfg.temperature, top_p=cfg.top_p,
                                   max_tokens=cfg.max_rationale_tokens, stop=tuple(cfg.stop),
-                                  seed=(cfg.train.seed * 1_000_003 + self.step * 10_007 + i) * 1000)
+                                  seed=self.rollout_seed(i))
                 for p, i in zip(batch["prompt"], batch["idx"])]
         return self.generate(reqs)
 

@@ -84,7 +84,10 @@ class TrainConfig(Config):
     checkpoint_every_steps: int | None = Field(None, ge=1, description="also checkpoint mid-epoch")
     keep_checkpoints: int = Field(2, ge=1)
     max_failures: int = Field(0, ge=0, description="restart the worker group from the latest checkpoint this many "
-                              "times when a worker dies (a preempted or lost node); 0: the run fails at once")
+                              "times when a worker fails (a crash, a lost node); 0: the run fails at once")
+    max_preemption_failures: int | None = Field(
+        None, ge=-1, description="as max_failures, for node preemptions, which Ray Train counts apart (its own "
+        "default: unlimited); None: the same as max_failures; -1: unlimited")
     name: str = Field("run", description="run name: a second fit with the same name and storage resumes it")
     storage_path: str = Field("runs/train", validate_default=True,
                               description="where Ray Train keeps checkpoints: a local path (made absolute; refused "
@@ -472,6 +475,15 @@ def _train(config: dict, watchdog) -> None:
     del hf_ds  # kept alive until here: transformers holds it by a weak reference
 
 
+def failure_config(cfg: TrainConfig):
+    """Ray Train's FailureConfig: `max_failures`, and preemptions (counted apart since Ray 2.60, unlimited by
+    default) bounded by `max_preemption_failures`, else by the same number."""
+    import ray.train
+
+    pre = cfg.max_failures if cfg.max_preemption_failures is None else cfg.max_preemption_failures
+    return ray.train.FailureConfig(max_failures=cfg.max_failures, max_preemption_failures=pre)
+
+
 def fit(task: TrainTask, cfg: TrainConfig, desc: str = "train"):
     """Run `task` under Ray Train + DeepSpeed; returns the Ray Train `Result` (result.checkpoint holds `hf/`)."""
     import ray.train
@@ -490,7 +502,7 @@ def fit(task: TrainTask, cfg: TrainConfig, desc: str = "train"):
             name=cfg.name,
             storage_path=cfg.storage_path,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
-            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+            failure_config=failure_config(cfg),
         ),
     )
     return trainer.fit()

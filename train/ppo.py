@@ -226,14 +226,14 @@ class PPOTask(RolloutTask):
             recs = read_jsonl(self.cfg.data, FIELDS, key="data")
         shape = LaTROConfig(prompt_format="chat", cot_suffix="")
         out = []
-        for r in recs:
+        for i, r in enumerate(recs):
             prompt = render_prompt(r, shape, tokenizer)
             out.append({"input_ids": tokenizer(prompt)["input_ids"], "prompt": prompt, "question": r["question"],
-                        "answer": str(r["answer"])})
+                        "answer": str(r["answer"]), "idx": i})
         return out
 
     def collate(self, examples, tokenizer):
-        return {k: [e[k] for e in examples] for k in ("prompt", "question", "answer")}
+        return {k: [e[k] for e in examples] for k in ("prompt", "question", "answer", "idx")}
 
     def prepare(self, engine, examples, tokenizer, rank, world):
         """The frozen reference: the starting actor (ZeRO-3: its own inference engine, `train.rollouts`)."""
@@ -255,8 +255,8 @@ class PPOTask(RolloutTask):
         cfg, tok = self.cfg, self._tok
         n = cfg.samples_per_question
         reqs = [GenerationRequest(p, n=n, temperature=cfg.temperature, max_tokens=cfg.max_tokens,
-                                  seed=(cfg.train.seed * 1_000_003 + self.step * 10_007 + i) * 1000)
-                for i, p in enumerate(batch["prompt"])]
+                                  seed=self.rollout_seed(i))
+                for p, i in zip(batch["prompt"], batch["idx"])]
         groups, rollout_s = self.generate(reqs)
         prm = self.prm_pool.client()
         rows, starts, step_ends, step_rewards = [], [], [], []

@@ -131,6 +131,11 @@ class RolloutTask(TrainTask):
             self._last_step_s = now - self._t_step
         self._t_step = now
 
+    def rollout_seed(self, idx: int) -> int:
+        """The seed of example `idx`'s rollouts at the current step: keyed by the example, so ranks (which hold
+        different examples) never sample with the same seeds, and a resumed step samples as it did."""
+        return (self.cfg.train.seed * 1_000_003 + self.step * 10_007 + int(idx)) * 1000
+
     @property
     def last_step_s(self) -> float:
         return self._last_step_s
