@@ -18,20 +18,33 @@ from app.problems import Problem, ProblemFormatError, record_to_problem
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
 
 
+def not_utf8(path: Path, e: UnicodeDecodeError) -> ProblemFormatError:
+    return ProblemFormatError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8 "
+                              "(e.g. iconv -t UTF-8)")
+
+
 def _read_jsonl(path: Path) -> Iterator[tuple[dict, str]]:
     with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                yield json.loads(line), f"{path} line {lineno}"
-            except json.JSONDecodeError as e:
-                raise ProblemFormatError(f"{path} line {lineno}: not valid JSON ({e.msg}); each line must be one JSON object") from None
+        lineno = 0
+        try:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ProblemFormatError(f"{path} line {lineno}: not valid JSON ({e.msg}); each line must be one "
+                                             "JSON object") from None
+                yield rec, f"{path} line {lineno}"
+        except UnicodeDecodeError as e:
+            raise not_utf8(path, e) from None
 
 
 def _read_json(path: Path) -> Iterator[tuple[dict, str]]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise not_utf8(path, e) from None
     except json.JSONDecodeError as e:
         raise ProblemFormatError(f"{path} line {e.lineno}: not valid JSON ({e.msg})") from None
     if isinstance(data, dict):

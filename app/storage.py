@@ -31,14 +31,20 @@ def is_uri(path: str) -> bool:
 
 
 def check_output_path(path: str | os.PathLike, key: str, *, allow_uri: bool = False,
-                      cluster: bool | None = None) -> str:
+                      cluster: bool | None = None, writable: bool = False, kind: str = "dir") -> str:
     """Return `path` if results written there survive the job; else a one-line ConfigError naming `key`.
 
+    - an empty path is refused (it would write into the current directory);
     - a `<shared>` placeholder is always refused (the recipe must be edited or overridden first);
     - a URI is accepted where the writer takes one (`allow_uri`), refused elsewhere;
-    - on a cluster (`cluster`, default `on_cluster()`), a relative path is refused.
+    - on a cluster (`cluster`, default `on_cluster()`), a relative path is refused;
+    - `writable` (the job is about to write there): a local path must be a `kind` ("dir" or "file") or not exist
+      yet, must not lie under a file, and its nearest existing folder must take a file (`check_writable`).
     """
-    text = str(path)
+    text = str(path) if path is not None else ""
+    if not text.strip():
+        raise ConfigError(f"{key} is empty: it would write into the current directory; give a path, e.g. "
+                          f"{key}=results/NAME")
     example = f"{key}=/mnt/shared/ponder/..." + (" or s3://BUCKET/ponder/..." if allow_uri else "")
     if PLACEHOLDER in text:
         raise ConfigError(f"{key}: {text!r} still has the {PLACEHOLDER} placeholder; replace it with storage every "
@@ -52,4 +58,31 @@ def check_output_path(path: str | os.PathLike, key: str, *, allow_uri: bool = Fa
         raise ConfigError(f"{key}: {text!r} is relative; under `ray job submit` it would land in the job's "
                           f"temporary working dir on the head node (lost, never resumed). Give shared storage "
                           f"every node sees, e.g. {example}")
+    if writable:
+        check_writable(text, key, kind)
     return text
+
+
+def check_writable(path: str | os.PathLike, key: str, kind: str = "dir") -> None:
+    """One line naming `key` unless a job can create or write the `kind` ("dir" or "file") at local `path`: not a
+    file where a folder is wanted (or the reverse), not under a file, and its nearest existing folder takes a file
+    (probed with a temporary file, removed at once: `os.access` says yes to root on read-only mounts)."""
+    import tempfile
+
+    p = Path(path).expanduser()
+    if kind == "dir" and p.exists() and not p.is_dir():
+        raise ConfigError(f"{key}: {str(path)!r} is a file, not a directory; give a directory (new or a run's own)")
+    if kind == "file" and p.is_dir():
+        raise ConfigError(f"{key}: {str(path)!r} is a directory; give a file path, e.g. {key}={p / 'out.jsonl'}")
+    folder = p if p.is_dir() else p.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ConfigError(f"{key}: {str(path)!r} lies under {str(folder)!r}, which is a file; give a path whose "
+                          "parents are directories")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".ponder-write-probe-", dir=folder)
+    except OSError as e:
+        raise ConfigError(f"{key}: cannot write under {str(folder)!r} ({e.strerror or e}); give a writable path") from None
+    os.close(fd)
+    os.unlink(probe)

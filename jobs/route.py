@@ -46,7 +46,7 @@ def train(recipe: RouteRecipe, out=sys.stdout) -> int:
     from app.router.features import resolve_encoder
     from app.router.router import fit
 
-    out_dir = Path(check_output_path(recipe.router_dir, "router_dir"))
+    out_dir = Path(check_output_path(recipe.router_dir, "router_dir", writable=True))
     resolve_encoder(recipe.encoder.name, recipe.encoder.sha256)  # a bad encoder is one line before any work
     runs, table = _table(recipe)
     split = split_questions(table.ids, recipe.data.test, recipe.data.val, recipe.data.seed)

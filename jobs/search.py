@@ -17,6 +17,7 @@ from actors.engines.base import load_tokenizer
 from actors.pools import start_pools
 from actors.replicas import check_model
 from app.search import driver
+from app.run_lock import RunLock
 from app.search.recipe import SearchRecipe
 from app.toy import resolve_model
 from app.storage import check_output_path
@@ -49,19 +50,24 @@ def check_models(recipe: SearchRecipe) -> None:
 def run(recipe: SearchRecipe, out=None, dry: bool = False) -> int:
     out = out or sys.stdout
     policy_cfg, prm_cfg = pool_configs(recipe)
-    check_output_path(recipe.output_dir, "output_dir")
+    check_output_path(recipe.output_dir, "output_dir", writable=not dry)
     check_models(recipe)
     if dry:
         return dry_run({"policy": policy_cfg, **({"prm": prm_cfg} if prm_cfg is not None else {})}, out,
                        num_cpus=recipe.num_cpus)
-    problems, everything = driver.load(recipe)
+    problems, everything = driver.load(recipe)  # bad data is one line here, before anything is written
+    tokenizer = prompt_tokenizer(recipe)
+    driver.make_prompt(problems[0], recipe, tokenizer)  # a template the tokenizer cannot render fails here, not in Ray
+    with RunLock.for_dir(recipe.output_dir, f"search {recipe.method}"):  # one run per output_dir
+        return _run(recipe, policy_cfg, prm_cfg, problems, everything, tokenizer, out)
+
+
+def _run(recipe: SearchRecipe, policy_cfg, prm_cfg, problems, everything, tokenizer, out) -> int:
     todo = driver.pending(recipe, problems, everything)
     print(f"search: {recipe.method} on {len(problems)} problems from {recipe.data.source}; {len(problems) - len(todo)} "
           f"already in {recipe.output_dir}, {len(todo)} to solve", file=out, flush=True)
     failures: list = []
     if todo:
-        tokenizer = prompt_tokenizer(recipe)
-        driver.make_prompt(todo[0], recipe, tokenizer)  # a template the tokenizer cannot render fails here, not in Ray
         init_ray(recipe.num_cpus)
         pools = start_pools(policy_cfg, prm_cfg)
         try:

@@ -47,7 +47,7 @@ def load(kind: str, recipe: str | None, overrides: Sequence[str]):
     module, name, _ = KINDS[kind]
     cfg = build_config(getattr(import_module(module), name), data, source)
     try:
-        check_output_path(cfg.output, "output")
+        check_output_path(cfg.output, "output", writable=True, kind="file")
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
     return cfg, source
@@ -86,8 +86,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ConfigError(f"{source}: {e}") from None
     if args.dry_run:  # the pools' placement, checked against the cluster; loads nothing
         return dry_run({"policy": cfg.policy, **({"prm": cfg.prm} if getattr(cfg, "prm", None) else {})})
-    init_ray()
-    print(summary(kind, module.run(cfg), cfg.output))
+    from app.run_lock import RunLock
+
+    with RunLock(f"{cfg.output}.lock", f"synthesize {kind}", key="output"):  # one run per output file
+        init_ray()
+        print(summary(kind, module.run(cfg), cfg.output))
     return 0
 
 

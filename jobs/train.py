@@ -75,11 +75,18 @@ def load_with_source(recipe: str | None, overrides: Sequence[str], trainer: str 
         from app.storage import check_output_path
 
         try:
-            check_output_path(cfg.output, "output")  # before it is made absolute: a relative one on a cluster
+            check_output_path(cfg.output, "output", writable=True)  # before it is made absolute: a relative one on
+            # a cluster
         except ConfigError as e:
             raise ConfigError(f"{source}: {e}") from None
+    from app.storage import check_writable, is_uri
     from train.loop import absolute_paths
 
+    if not is_uri(cfg.train.storage_path):
+        try:
+            check_writable(cfg.train.storage_path, "train.storage_path")
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
     return absolute_paths(cfg), source
 
 

@@ -32,7 +32,7 @@ Config = SweepRecipe  # the job's config class
 def check(recipe: SweepRecipe, source: str) -> None:
     """What can be checked before Ray starts: the output path, the pools, the models, the first prompt."""
     try:
-        check_output_path(recipe.output_dir, "output_dir")
+        check_output_path(recipe.output_dir, "output_dir", writable=True)
         recipe.pool_configs()
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
@@ -52,6 +52,13 @@ def run(recipe: SweepRecipe, source: str = "<recipe>", out=None, dry: bool = Fal
         trials = [[{"CPU": recipe.trial_cpus}]] * recipe.max_concurrent_trials
         return dry_run({"policy": policy_cfg, **({"prm": prm_cfg} if prm_cfg is not None else {})}, out,
                        extra={"tune": trials}, num_cpus=recipe.cluster_cpus(os.cpu_count() or 2))
+    from app.run_lock import RunLock
+
+    with RunLock.for_dir(recipe.output_dir, "tune"):  # one sweep per output_dir
+        return _run(recipe, out)
+
+
+def _run(recipe: SweepRecipe, out) -> int:
     left = prepare(recipe)
     trials = recipe.trials()
     done = [t for t in trials if left[t.name] == 0]

@@ -42,8 +42,8 @@ def iter_jsonl(path: str | Path, required: Mapping[Key, Kind] | None = None, opt
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{key + ': ' if key else ''}file not found: {path}")
-    with path.open() as f:
-        for n, line in enumerate(f, 1):
+    with path.open(encoding="utf-8") as f:
+        for n, line in enumerate(_utf8_lines(f, path), 1):
             if not line.strip():
                 continue
             where = f"{path} line {n}"
@@ -69,6 +69,15 @@ def iter_jsonl(path: str | Path, required: Mapping[Key, Kind] | None = None, opt
                     raise ConfigError(f"{where}: key {k!r} is {rec[k]!r}, not one of {', '.join(map(str, allowed))}; "
                                       "use one of them or leave the key out")
             yield rec
+
+
+def _utf8_lines(f, path: Path) -> Iterator[str]:
+    """The lines of a text file opened as UTF-8; a file in another encoding is one line naming it."""
+    try:
+        yield from f
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8 "
+                          "(e.g. iconv -t UTF-8)") from None
 
 
 def _a(word: str) -> str:

@@ -223,7 +223,9 @@ def toy_problems(split: str = "test", n_per_level: int = 200, levels: Sequence[i
 def load_toy(source: str, n_per_level: int = 200, levels: Sequence[int] = (1, 2, 3, 4, 5), seed: int = 0) -> list:
     """`toy:train` / `toy:test` -> problems (the hook for app.datasets.load_problems)."""
     if source not in SOURCES:
-        raise ValueError(f"unknown toy source {source!r}; one of {', '.join(SOURCES)}")
+        from app.config import ConfigError
+
+        raise ConfigError(f"unknown toy data source {source!r}; use one of {', '.join(SOURCES)}")
     return toy_problems(source, n_per_level=n_per_level, levels=levels, seed=seed)
 
 
