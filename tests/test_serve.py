@@ -292,7 +292,8 @@ def test_deadline_cancels_the_search(http):
     wait_idle(before)
     # streamed: a role chunk, keep-alive comments while it runs, then the error event and [DONE]
     before = searcher_stats()
-    body = {"model": "ponder/majority", "messages": [{"role": "user", "content": Q}], "stream": True, "deadline_s": 1.0}
+    body = {"model": "ponder/majority", "messages": [{"role": "user", "content": Q}], "stream": True, "budget": 1024,
+            "deadline_s": 1.0}
     with http.stream("POST", "/v1/chat/completions", json=body) as s:
         lines = [ln for ln in s.iter_lines() if ln]
     assert ": keep-alive" in lines and lines[-1] == "data: [DONE]"
@@ -349,4 +350,8 @@ def test_config_checked_before_ray(tmp_path, capsys):
         assert main(["--config", str(cfg)]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith(f"error: {key}:") and "\n" not in err, err
+    cfg.write_text(json.dumps({"http_options": {"hots": "0.0.0.0"}, "applications": [
+        {"name": "x", "import_path": "actors.serve:build_app", "args": ARGS}]}))
+    assert main(["--config", str(cfg)]) == 2
+    assert "http_options.hots is not a Serve HTTP option" in capsys.readouterr().err
     assert ray.is_initialized() == was
