@@ -5,11 +5,15 @@
     check_fit(plan)                     # ONE check of the combined demand against what the cluster has free
     groups = reserve(plan)              # the placement groups, ready; then each pool starts on its slots
 
-A replica is a placement group: on a GPU cluster `tp` bundles `{"GPU": share, "CPU": num_cpus}` (PACK), the actor
+A replica is a placement group: on a GPU cluster `tp` bundles `{"GPU": share, "CPU": num_cpus}`, the actor
 on bundle 0 holding `num_gpus` of it for tp 1 (a fraction shares the GPU) and nothing for tp > 1 (vLLM's "ray"
-executor starts one worker per bundle). A co-located PRM replica (`prm.colocate`) sits on bundle 0 of policy
-replica i's group, which then holds both actors' shares and CPUs (OpenRLHF's hybrid placement). Without GPUs a
-replica is one CPU bundle.
+executor starts one worker per bundle). A tp > 1 group is STRICT_PACK (all its ranks on one node: tensor
+parallelism across nodes would run its all-reduces over the network), and the fit check refuses a group that fits
+on no single node; a one-bundle group is PACK. A co-located PRM replica (`prm.colocate`) sits on bundle 0 of policy
+replica i's group, which then holds both actors' shares and CPUs (OpenRLHF's hybrid placement); a policy replica
+beyond `prm.replicas` has no PRM beside it and gets a GPU of its own (its engine is sized for a share of a GPU, and
+two such engines on one GPU would fail vLLM's free-memory check at start). Without GPUs a replica is one CPU
+bundle.
 """
 from __future__ import annotations
 
@@ -147,8 +151,10 @@ def plan_pools(pools: dict[str, PoolConfig], gpus: bool) -> Plan:
                 bundles = [{"GPU": 1.0, "CPU": cfg.num_cpus} for _ in range(cfg.tp)]
                 gpu = 0.0
             elif gpus:
-                gpu = share(cfg, colocated=name == "policy" and prm is not None and getattr(prm, "colocate", False)
-                            and i < prm.replicas)
+                beside_prm = name == "policy" and prm is not None and getattr(prm, "colocate", False)
+                gpu = share(cfg, colocated=beside_prm and i < prm.replicas)
+                if beside_prm and i >= prm.replicas:
+                    gpu = max(gpu, 1.0)  # no PRM beside this one: a GPU of its own, not half of one (docstring)
                 bundles = [{"GPU": gpu, "CPU": cfg.num_cpus}]
             else:
                 gpu = 0.0
@@ -185,20 +191,28 @@ def _nodes_free() -> list[dict[str, float]]:
     return [dict(ray.available_resources())]
 
 
+def strategy(bundles: list[dict[str, float]]) -> str:
+    """A group's placement strategy: STRICT_PACK for several bundles (a tp > 1 replica: one node), else PACK."""
+    return "STRICT_PACK" if len(bundles) > 1 else "PACK"
+
+
 def _fits(groups: list[list[dict[str, float]]], nodes: list[dict[str, float]]) -> int | None:
-    """First-fit-decreasing of the bundles onto the nodes' free resources (PACK: a group's bundles may spread, a
-    bundle may not); the index of the first group that does not fit, or None."""
+    """First-fit-decreasing of the groups onto the nodes' free resources (`strategy`: a group of several bundles
+    goes whole onto one node); the index of the first group that does not fit, or None."""
     free = [dict(n) for n in nodes]
     order = sorted(range(len(groups)), key=lambda g: -sum(b.get("GPU", 0) for b in groups[g]))
     for g in order:
+        need: dict[str, float] = {}
         for b in groups[g]:
-            for n in free:
-                if all(n.get(k, 0.0) + _EPS >= v for k, v in b.items()):
-                    for k, v in b.items():
-                        n[k] = n.get(k, 0.0) - v
-                    break
-            else:
-                return g
+            for k, v in b.items():
+                need[k] = need.get(k, 0.0) + v
+        for n in free:
+            if all(n.get(k, 0.0) + _EPS >= v for k, v in need.items()):
+                for k, v in need.items():
+                    n[k] = n.get(k, 0.0) - v
+                break
+        else:
+            return g
     return None
 
 
@@ -230,14 +244,20 @@ def check_fit(plan: Plan, nodes: list[dict[str, float]] | None = None, settle_s:
     parts = ", ".join(f"{name}: {d.get('GPU', 0):g} GPU/{d.get('CPU', 0):g} CPU" for name, d in per_pool.items())
     for k in ("GPU", "CPU"):
         if need.get(k, 0.0) > have[k] + _EPS:
-            hint = ("set prm.colocate=true (policy and PRM share each GPU), or lower policy.replicas / prm.replicas"
-                    if k == "GPU" else "lower num_cpus / train.cpus_per_worker, or replicas / train.num_workers")
+            if k == "CPU":
+                hint = "lower num_cpus / train.cpus_per_worker, or replicas / train.num_workers"
+            elif "train" in per_pool:  # a training job: its workers and its rollout / PRM pools do not share GPUs
+                hint = ("lower train.num_workers, rollout.replicas (and prm.replicas): training workers and rollout "
+                        "engines take GPUs of their own")
+            else:
+                hint = "set prm.colocate=true (policy and PRM share each GPU), or lower policy.replicas / prm.replicas"
             raise ConfigError(f"placement: the pools need {need[k]:g} {k}s ({parts}), the cluster has "
                               f"{have[k]:g} free; {hint}")
     bad = _fits(plan.groups, nodes)
     if bad is not None:
         raise ConfigError(f"placement: {plan.owners[bad]} group {bad} ({' '.join(map(_fmt_bundle, plan.groups[bad]))}) "
-                          f"fits on no node's free resources ({parts}); use fewer GPUs per replica (tp) or bigger nodes")
+                          f"fits on no node's free resources ({parts}); a replica's tp ranks share one node: use "
+                          "fewer GPUs per replica (tp) or bigger nodes")
 
 
 def reserve(plan: Plan, name: str = "ponder", timeout_s: float = 600.0) -> list:
@@ -247,7 +267,7 @@ def reserve(plan: Plan, name: str = "ponder", timeout_s: float = 600.0) -> list:
     import ray
     from ray.util.placement_group import placement_group, remove_placement_group
 
-    groups = [placement_group(b, strategy="PACK", name=f"{name}-{owner}-{i}-{os.getpid()}")
+    groups = [placement_group(b, strategy=strategy(b), name=f"{name}-{owner}-{i}-{os.getpid()}")
               for i, (b, owner) in enumerate(zip(plan.groups, plan.owners))]
     try:
         ray.get([g.ready() for g in groups], timeout=timeout_s)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from actors.placement import check_fit, estimate_memory, plan_pools, validate_colocation
+from actors.placement import check_fit, estimate_memory, plan_pools, strategy, validate_colocation
 from app.config import ConfigError
 from app.pool_config import PoolConfig, PRMPoolConfig
 from app.storage import check_output_path
@@ -61,6 +61,25 @@ def test_tensor_parallel_replicas_get_one_gpu_bundle_per_rank_and_the_actor_none
     assert [s.num_gpus for s in plan.slots] == [0.0, 0.0]
     with pytest.raises(ConfigError, match="policy.num_gpus: each rank"):
         plan_pools({"policy": PoolConfig(engine="vllm", tp=2, num_gpus=0.5)}, gpus=True)
+
+
+def test_a_policy_replica_without_a_prm_beside_it_gets_a_gpu_of_its_own():
+    """prm.replicas < policy.replicas: the replicas past the PRM's keep one engine per GPU (two half-GPU vLLM
+    engines on one GPU: the second fails its free-memory check and restarts until the pool times out)."""
+    plan = plan_pools(recipe_pools(policy_replicas=4, prm_replicas=2), gpus=True)
+    assert [g[0]["GPU"] for g in plan.groups] == [1.0, 1.0, 1.0, 1.0]
+    assert [s.num_gpus for s in plan.pool_slots("policy")] == [0.5, 0.5, 1.0, 1.0]
+    assert [s.group for s in plan.pool_slots("prm")] == [0, 1]
+    assert plan.demand()["GPU"] == 4.0
+    with pytest.raises(ConfigError, match="need 4 GPUs"):
+        check_fit(plan, [{"GPU": 3.0, "CPU": 64.0}])   # half GPUs would have packed 3 + 1 onto 3
+
+
+def test_tensor_parallel_groups_go_whole_onto_one_node():
+    plan = plan_pools({"policy": PoolConfig(engine="vllm", replicas=1, tp=4)}, gpus=True)
+    assert strategy(plan.groups[0]) == "STRICT_PACK" and strategy([{"GPU": 1.0}]) == "PACK"
+    with pytest.raises(ConfigError, match="tp ranks share one node"):  # 4 GPUs free, but 2 + 2 on two nodes
+        check_fit(plan, [{"GPU": 2.0, "CPU": 8.0}, {"GPU": 2.0, "CPU": 8.0}])
 
 
 def test_fractions_share_gpus_and_cpu_clusters_get_cpu_bundles():
@@ -157,6 +176,33 @@ def test_every_shipped_real_recipe_plans_and_fits_one_8_gpu_node():
         policy, prm = recipe.pool_configs()
         plan = plan_pools({"policy": policy, **({"prm": prm} if prm else {})}, gpus=True)
         check_fit(plan, NODE_8)
+
+
+@pytest.mark.parametrize("job", ["ppo", "latro"])
+def test_7b_rl_recipes_fit_one_8_gpu_node_and_name_the_training_knobs_when_not(job):
+    """The dry run's plan of the 7B PPO and LaTRO recipes (trainers + rollout engines + PRM) fits one 8-GPU node;
+    one trainer more does not, and the refusal names the training job's knobs, not search's prm.colocate."""
+    from app.config import load_config
+    from jobs.train import config_class
+    from train.rollouts import demand
+
+    shared = ["train.storage_path=/mnt/shared/ponder/train"]
+
+    def plan_of(overrides):
+        pools, extra = demand(load_config(config_class(job), f"qwen2.5-math-7b/{job}", shared + overrides))
+        plan = plan_pools(pools, gpus=True)
+        for owner, groups in extra.items():
+            plan.add_groups(owner, groups)
+        return plan
+
+    plan = plan_of([])
+    assert plan.demand()["GPU"] == 8.0
+    check_fit(plan, NODE_8)
+    workers = load_config(config_class(job), f"qwen2.5-math-7b/{job}", shared).train.num_workers
+    with pytest.raises(ConfigError) as e:
+        check_fit(plan_of([f"train.num_workers={workers + 1}"]), NODE_8)
+    assert "need 9 GPUs" in str(e.value) and "train.num_workers" in str(e.value)
+    assert "colocate" not in str(e.value)
 
 
 def test_train_dry_run_counts_the_workers_with_the_pools_and_loads_nothing(tmp_path):
