@@ -100,7 +100,7 @@ def plot(results: dict[str, dict], path: str | Path, title: str = "router") -> P
     ax.set_ylabel(f"accuracy ({h0['test_questions']} held-out questions)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=130)
