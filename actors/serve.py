@@ -48,6 +48,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import Field
 from ray import serve
 
+from actors.cancel import Cancelled, cancellable
 from actors.serve_http import (ApiError, BadRequest, ChatRequest, SolveRequest, clean_text, cut_at_stop, install,
                                key_hash, sse)
 from app.config import Config, ConfigError, build_config
@@ -111,50 +112,6 @@ def default_max_n(args: ServeArgs, arms: list[dict]) -> dict[str, int]:
         caps.setdefault(m, int(cfg.get(key, 1)) if key else 1)
     caps.update(args.max_n)
     return caps
-
-
-class Cancelled(Exception):
-    """A search stopped because its client left or its deadline passed."""
-
-
-def _cancellable(client: Any, stop: threading.Event, poll_s: float = 0.05) -> Any:
-    """The client, its pool calls cancelled once `stop` is set: a call not yet sent is refused, a call in flight is
-    cancelled (`ray.cancel`; the pool's in-flight count drops at once) and the search's thread unwinds. A call whose
-    replica died goes through the pool's own retrying `call`."""
-    if client is None:
-        return None
-    import ray
-
-    pool = client.pool
-    retryable = _retryable_errors()
-
-    def guarded(method: str, *args: Any) -> Any:
-        if stop.is_set():
-            raise Cancelled()
-        i = pool._acquire()  # the pool's least-loaded replica and its in-flight count, as pool.call does
-        try:
-            ref = getattr(pool.actors[i], method).remote(*args)
-            while not ray.wait([ref], timeout=poll_s)[0]:
-                if stop.is_set():
-                    ray.cancel(ref)
-                    raise Cancelled()
-        finally:
-            pool._release(i)
-        try:
-            out = ray.get(ref)
-        except retryable:
-            out = pool.call(method, *args)
-        client.account(client.usage, out, client.num_parameters)
-        return out
-
-    client.call = guarded
-    return client
-
-
-def _retryable_errors() -> tuple:
-    from actors.replicas import _retryable
-
-    return tuple(_retryable())
 
 
 def router_path(name: str) -> Path:
@@ -261,7 +218,7 @@ class Searcher:
 
         def run(part):
             policy, prm = self.pools.clients()
-            return solve_part(prompt, question, method, mcfg, _cancellable(policy, stop), _cancellable(prm, stop),
+            return solve_part(prompt, question, method, mcfg, cancellable(policy, stop), cancellable(prm, stop),
                               part, problem_id=pid)
 
         parts = parts_of(method, mcfg)
