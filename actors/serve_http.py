@@ -108,8 +108,8 @@ def install(api: FastAPI) -> None:
     async def _invalid(request: Request, exc: RequestValidationError):
         err = exc.errors()[0]
         if err.get("type") == "json_invalid":
-            return error_response(ApiError(None, f"the body is not valid JSON ({err.get('ctx', {}).get('error', 'parse error')})",
-                                           400, "invalid_json"))
+            why = err.get("ctx", {}).get("error", "parse error")
+            return error_response(ApiError(None, f"the body is not valid JSON ({why})", 400, "invalid_json"))
         loc = [str(x) for x in err.get("loc", ()) if x != "body"]
         field = ".".join(loc) or "body"
         msg = err.get("msg", "invalid").removeprefix("Value error, ")

@@ -7,11 +7,12 @@ from its search deployment), then fires them once more routed (`method: auto`). 
 p50 / p99 latency, and `serve_over_direct` = requests/s through Serve / problems/s of the driver. Serve runs first,
 so any prefix-cache warmth helps the driver, not Serve.
 
-The abuse run (`--abuse`, on by default) fires the same fixed-arm questions once more while one client asks for the
-largest budget the app allows (`--abuse-method` at its max_n), one asks for n = 10**9 (refused at once) and one
-disconnects `--abuse-disconnect-s` into a search of the largest budget: `serve_abuse_p99_ratio` = the ordinary
-requests' p99 in that run / their p99 in a run without the abusers just before it, as warm (aim <= 1.5), and `abuse_cancelled` says whether the abandoned
-search stopped (the search deployment counted one more cancelled search and no search is left running).
+The abuse run (`--abuse`, on by default) fires the same fixed-arm questions twice more: alone (the baseline, as
+warm), then while one client asks for the largest budget the app allows (`--abuse-method` at its max_n), one asks
+for n = 10**9 (refused at once) and one disconnects `--abuse-disconnect-s` into a search of the largest budget.
+`serve_abuse_p99_ratio` = the ordinary requests' p99 beside the abusers / their p99 alone (aim <= 1.5);
+`abuse_cancelled`: the abandoned search stopped (the search deployment counted one more cancelled search, none is
+left running and no pool call is in flight).
 """
 from __future__ import annotations
 
