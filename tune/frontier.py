@@ -621,6 +621,8 @@ def plot(data: dict, out_dir: str | Path) -> list[Path]:
                 ax.fill_between([x["accuracy"] for x in c], [x["saving"]["q10"] for x in c],
                                 [x["saving"]["q90"] for x in c], color="gray", alpha=0.3)
         ax.axhline(1.0, color="tab:red", ls="--", lw=1.0)
+        ax.set_yscale("symlog", linthresh=1.0)  # 0 (never reached) stays on the axis
+        ax.set_ylim(bottom=0.0)
         ax.set_title("compute_saving C_bon(a) / C_opt(a), held out", fontsize=10)
         ax.set_xlabel("best-of-N's accuracy a (test half)")
         ax.set_ylabel("compute_saving (median, 10-90%)")
