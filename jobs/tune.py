@@ -5,7 +5,7 @@ unknown method, an N <= 0, an empty grid: one line naming the file and the key),
 `<shared>` placeholder of the cluster recipes is refused), the model paths and the first prompt. The job then
 starts the policy (and PRM) pools ONCE, runs every trial of the grid as a Tune trial against them (each a search
 run writing `ponder search` records under output_dir/trials/<trial>/), and writes and prints the compute-optimal
-frontier (`tune.frontier`: frontier.json, frontier.md, frontier_*.png in output_dir).
+frontier, held out (`tune.frontier`: frontier.json, frontier.md, frontier_*.png in output_dir).
 
 Started again with the same recipe it resumes: Tune restores the experiment (finished trials are not run again)
 and each unfinished trial keeps the problems it solved; with every trial finished it starts no pools and only

@@ -56,7 +56,8 @@ from app.search.registry import METHODS, method_config
 from app.search.select import RULES, budgets as reported_budgets
 
 # Methods whose run at N holds the run at every smaller n: their n completions are independent samples and the
-# records select at every n = 1, 2, 4, ... N from the first n. They run once, at the largest N of the grid entry.
+# records select at every n = 1, 2, 4, ... N from the first n (what a trial's Tune reports show); the frontier reads
+# them as the expected accuracy over random n-subsets (`tune.frontier`). They run once, at the largest N of the entry.
 SUBSAMPLED = ("best_of_n", "majority")
 
 TRIALS_DIR = "trials"
