@@ -72,7 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         a = build_config(ServeArgs, dict(entry.get("args") or {}), source=args.config)
         return dry_run({"policy": a.policy, **({"prm": a.prm} if a.prm is not None else {})})
     url, _ = start(args.config, args.num_cpus)
-    print(f"ponder serve: listening on {url} (POST /v1/solve, /v1/chat/completions; GET /v1/models, /healthz, "
+    print(f"ponder serve: listening on {url} (POST /v1/solve, /v1/chat/completions; GET /v1/models[/ID], /healthz, "
           f"/docs); Ctrl-C stops it", flush=True)
     try:
         while True:

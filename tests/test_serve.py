@@ -286,7 +286,7 @@ def test_stream_assembles_to_the_same_answer(client, http):
 
 def test_deadline_cancels_the_search(http):
     before = searcher_stats()
-    r = http.post("/v1/solve", json={"question": Q, "method": "majority", "deadline_s": 0.3})
+    r = http.post("/v1/solve", json={"question": Q, "method": "majority", "n": 1024, "deadline_s": 0.3})
     is_openai_error(r, 504, None, "deadline_exceeded")
     assert "deadline" in r.json()["error"]["message"]
     wait_idle(before)
@@ -308,11 +308,15 @@ def test_disconnect_cancels_the_search(endpoint):
             c.post("/v1/solve", json={"question": Q, "method": "majority", "n": 1024})
     after = wait_idle(before)
     assert after["finished"] == before["finished"]  # it stopped, it did not run to the end
-    # a streamed answer left after its role chunk
+    # a streamed answer left once its search runs
     body = {"model": "ponder/majority", "messages": [{"role": "user", "content": Q}], "stream": True, "budget": 1024}
     with httpx.Client(base_url=endpoint, headers=AUTH, timeout=60) as c:
         with c.stream("POST", "/v1/chat/completions", json=body) as s:
             assert '"role": "assistant"' in next(s.iter_lines())
+            t = time.monotonic() + 60
+            while not searcher_stats()["running"]:
+                assert time.monotonic() < t
+                time.sleep(0.05)
     assert wait_idle(after)["finished"] == before["finished"]
 
 
