@@ -16,7 +16,9 @@ def ray_cluster():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=True, log_to_driver=False, ignore_reinit_error=True)
+        # address="local": a cluster of this session's own, never one auto-detected from `ray start` or a
+        # multi-node test cluster's address file (which may point at a cluster already gone)
+        ray.init(address="local", num_cpus=4, include_dashboard=True, log_to_driver=False, ignore_reinit_error=True)
     yield ray
     ray.shutdown()
 

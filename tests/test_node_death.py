@@ -4,6 +4,7 @@ are retried, and every problem is written exactly once. A real multi-node Ray cl
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import time
 from collections import Counter
@@ -71,3 +72,45 @@ def test_search_survives_the_death_of_the_node_holding_the_prm_replica(tmp_path)
         assert restarted, "no PRM replica ran on the surviving node after the death"
         print(f"node died with {written_at_death} of {PROBLEMS} written; {len(policies_there)} policy replica(s) "
               "were on it too")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_training_survives_the_death_of_a_node_holding_a_train_worker(tmp_path):
+    """2 workers on 2 nodes; after the first checkpoint the node of one worker dies: Ray Train restarts the group
+    (train.max_failures) from that checkpoint on the node left and finishes with every step once."""
+    runs, model = tmp_path / "runs", tmp_path / "model"
+    with multi_node_cluster([{"num_cpus": 2}, {"num_cpus": 2}]) as (cluster, nodes):
+        cmd = [str(PONDER), "train", "--config", "toy/sft", "toy.n_per_level=100", "toy.levels=[1,2]",
+               "eval_toy_per_level=0", "train.num_workers=2", "train.micro_batch_size=4", "train.max_steps=16",
+               "train.warmup_steps=1", "train.checkpoint_every_steps=2", "train.max_failures=2", "train.name=nd",
+               f"train.storage_path={runs}", f"output={model}", "train.progress=false"]
+        log = tmp_path / "train.log"
+        with open(log, "w") as f:
+            proc = subprocess.Popen(cmd, cwd=REPO, env=job_env(cluster), stdout=f, stderr=subprocess.STDOUT)
+            try:
+                deadline = time.monotonic() + 480
+                # step 4's folder exists only once step 2's checkpoint was committed by both ranks (a checkpoint
+                # whose folder is still being written is rightly not resumed from)
+                while not (runs / "nd" / "step_0000004").exists():
+                    assert proc.poll() is None, log.read_text()[-4000:]
+                    assert time.monotonic() < deadline, log.read_text()[-4000:]
+                    time.sleep(0.5)
+                workers = actor_pids("RayTrainWorker", nodes)
+                assert workers, "no training worker found on the cluster's nodes"
+                doomed = next(iter(workers.values()))
+                cluster.remove_node(doomed, allow_graceful=False)
+                finished_before = (runs / "nd" / "step_0000016").exists()
+                code = proc.wait(timeout=600)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+        text = log.read_text()
+        assert code == 0, text[-4000:]
+        assert not finished_before, "the run had finished before the node died: nothing was tested"
+        assert "sft: done" in text and "global_step=16" in text, text[-3000:]
+        start = int(re.search(r"start_step=(\d+)", text.split("sft: done")[1]).group(1))
+        assert start in (2, 4, 6, 8, 10, 12, 14), f"the restarted group began at step {start}, not at a checkpoint"
+        rows = [json.loads(x) for x in (runs / "nd" / "step_0000016" / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in rows] == list(range(1, 17))  # every step once: none lost, none twice
+        assert (model / "model.safetensors").exists()
