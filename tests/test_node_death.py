@@ -1,6 +1,6 @@
 """A node dies mid-search (issue 33): the policy and PRM replicas on it restart on the node left, the tasks it ran
 are retried, and every problem is written exactly once. A real multi-node Ray cluster on this machine
-(tests/multinode.py), the real `ponder search` job as a driver against it, the real toy models."""
+(jobs/bench/multinode.py), the real `ponder search` job as a driver against it, the real toy models."""
 from __future__ import annotations
 
 import json
@@ -11,23 +11,10 @@ from collections import Counter
 
 import pytest
 
-from tests.multinode import PONDER, REPO, actor_pids, job_env, multi_node_cluster
+from jobs.bench.multinode import (PONDER, REPO, actor_pids, job_env, multi_node_cluster, registered_checkpoint,
+                                  written_ids)
 
 PROBLEMS = 24
-
-
-def _written_ids(out) -> list[str]:
-    """Every record line of the run's shards, duplicates kept (read_records would hide a problem solved twice)."""
-    ids = []
-    for shard in sorted(out.glob("*.jsonl")):
-        for line in shard.read_text().splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(rec, dict) and "id" in rec:
-                ids.append(rec["id"])
-    return ids
 
 
 @pytest.mark.slow
@@ -44,7 +31,7 @@ def test_search_survives_the_death_of_the_node_holding_the_prm_replica(tmp_path)
             try:
                 # wait until the run is under way: some problems written, most still to go
                 deadline = time.monotonic() + 480
-                while len(_written_ids(out)) < 3:
+                while len(written_ids(out)) < 3:
                     assert proc.poll() is None, log.read_text()[-4000:]
                     assert time.monotonic() < deadline, log.read_text()[-4000:]
                     time.sleep(0.5)
@@ -52,7 +39,7 @@ def test_search_survives_the_death_of_the_node_holding_the_prm_replica(tmp_path)
                 assert len(prm) == 1, prm
                 doomed = next(iter(prm.values()))
                 policies_there = [pid for pid, n in actor_pids("PolicyActor", nodes).items() if n is doomed]
-                written_at_death = len(_written_ids(out))
+                written_at_death = len(written_ids(out))
                 cluster.remove_node(doomed, allow_graceful=False)  # the machine is gone: raylet and workers
                 survivor = next(n for n in nodes if n is not doomed)
                 restarted = False  # the PRM replica comes back on the node left (the run needs it for every problem)
@@ -65,7 +52,7 @@ def test_search_survives_the_death_of_the_node_holding_the_prm_replica(tmp_path)
                     proc.kill()
         text = log.read_text()
         assert written_at_death < PROBLEMS, "the node died after the run had finished: nothing was tested"
-        ids = _written_ids(out)
+        ids = written_ids(out)
         assert code == 0, text[-4000:]
         assert sorted(Counter(ids).values()) == [1] * PROBLEMS, Counter(ids).most_common(3)  # each once, none lost
         assert f"solved {PROBLEMS} of {PROBLEMS}" in text, text[-2000:]
@@ -90,9 +77,9 @@ def test_training_survives_the_death_of_a_node_holding_a_train_worker(tmp_path):
             proc = subprocess.Popen(cmd, cwd=REPO, env=job_env(cluster), stdout=f, stderr=subprocess.STDOUT)
             try:
                 deadline = time.monotonic() + 480
-                # step 4's folder exists only once step 2's checkpoint was committed by both ranks (a checkpoint
-                # whose folder is still being written is rightly not resumed from)
-                while not (runs / "nd" / "step_0000004").exists():
+                # a checkpoint the controller has registered (one only reported by the workers may be lost with
+                # them, and a restart then rightly begins at step 0)
+                while registered_checkpoint(runs / "nd") is None:
                     assert proc.poll() is None, log.read_text()[-4000:]
                     assert time.monotonic() < deadline, log.read_text()[-4000:]
                     time.sleep(0.5)

@@ -21,6 +21,7 @@ TARGETS = {
     "serve": "jobs.bench.serve",
     "tune": "jobs.bench.tune",
     "train": "jobs.bench.train",
+    "chaos": "jobs.bench.chaos",
 }
 
 
