@@ -428,22 +428,45 @@ class Ingress:
         if n is not None and n > cap:
             whose = "any served method" if method == "auto" else method
             raise BadRequest(n_field, f"at most {cap} for {whose} (serve args max_n)")
-        why = await self.searcher.check.remote(question, system)
+        why = await self._retrying(lambda: self.searcher.check.remote(question, system), None)
         if why is not None:
             raise BadRequest(question_field, why)
-        pick = await self.router.choose.remote(question, None if method == "auto" else method, n, cost_weight)
+        pick = await self._retrying(lambda: self.router.choose.remote(question, None if method == "auto" else method,
+                                                                      n, cost_weight), None)
         if "error" in pick:
             raise BadRequest(n_field, pick["error"]["message"])
         return dict(pick, question=question, system=system, chosen="router" if method == "auto" else "fixed")
 
     async def _search(self, pick: dict, over: dict | None, deadline_s: float | None, n_field: str = "n") -> dict:
-        out = await self.searcher.solve.remote(pick["question"], pick["method"], pick["config"], pick["rule"],
-                                               pick["n"], pick["system"], over or {}, deadline_s)
+        out = await self._retrying(lambda: self.searcher.solve.remote(
+            pick["question"], pick["method"], pick["config"], pick["rule"], pick["n"], pick["system"], over or {},
+            deadline_s), deadline_s)
         if "error" in out:
             raise _search_error(out["error"], n_field)
         return dict(out, method=pick["method"], rule=pick["rule"], n=pick["n"],
                     router={"arm": pick["arm"], "predicted_accuracy": pick["predicted_accuracy"],
                             "cost_weight": pick["cost_weight"], "chosen": pick["chosen"]})
+
+    async def _retrying(self, call, deadline_s: float | None):
+        """`await call()`, again while the replica answering it is lost (its node died, its process was killed):
+        Serve starts a new one and routes the retry there. Past the request's deadline the client gets a clean 503
+        in OpenAI's shape instead of the handle's traceback as a 500."""
+        import ray.exceptions
+
+        lost = (ray.exceptions.ActorDiedError, ray.exceptions.ActorUnavailableError, ray.exceptions.RayActorError)
+        budget = min(deadline_s or self.args.deadline_s, self.args.deadline_s)
+        t0, wait = time.monotonic(), 1.0
+        while True:
+            try:
+                return await call()
+            except lost as e:
+                left = budget - (time.monotonic() - t0)
+                if left <= wait:
+                    raise ApiError(None, f"the replica serving this request was lost and none came back within the "
+                                   f"request's deadline ({type(e).__name__}); retry later", 503,
+                                   "replica_unavailable", "server_error") from None
+                await asyncio.sleep(wait)
+                wait = min(wait * 2, 10.0)
 
     @api.post("/v1/solve")
     async def solve(self, req: SolveRequest) -> dict:
@@ -484,9 +507,11 @@ class Ingress:
             return sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
                         "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}], **extra})
 
-        yield chunk({"role": "assistant", "content": ""})
+        # the search starts before the first chunk goes out: the generator is resumed only as the HTTP side pulls,
+        # and a search started after the role chunk waited on the client's reading
         task = asyncio.ensure_future(self._search(pick, req.overrides(), req.deadline_s, "budget"))
         try:
+            yield chunk({"role": "assistant", "content": ""})
             while not task.done():
                 done, _ = await asyncio.wait({task}, timeout=self.args.keep_alive_s)
                 if not done:

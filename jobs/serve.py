@@ -21,6 +21,9 @@ HTTP_KEYS = ("host", "port", "root_path", "request_timeout_s", "keep_alive_timeo
              "ssl_keyfile_password", "ssl_ca_certs")
 
 
+PROXY_LOCATIONS = ("EveryNode", "HeadOnly", "Disabled")  # Serve's proxy_location: where the HTTP proxies run
+
+
 def load(path: str) -> tuple[dict, dict]:
     """(http_options, the application's entry) of a Serve config file; one-line errors."""
     data, src = read_recipe(path)
@@ -35,7 +38,10 @@ def load(path: str) -> tuple[dict, dict]:
     if unknown:
         raise ConfigError(f"{src}: http_options.{unknown[0]} is not a Serve HTTP option ponder serve passes on "
                           f"(one of: {', '.join(HTTP_KEYS)})")
-    return {"host": "127.0.0.1", "port": 8000, **http}, app
+    location = data.get("proxy_location", "EveryNode")
+    if location not in PROXY_LOCATIONS:
+        raise ConfigError(f"{src}: proxy_location {location!r} is not one of {', '.join(PROXY_LOCATIONS)}")
+    return {"host": "127.0.0.1", "port": 8000, **http}, dict(app, proxy_location=location)
 
 
 def start(path: str, num_cpus: int | None = None):
@@ -47,7 +53,7 @@ def start(path: str, num_cpus: int | None = None):
     http, entry = load(path)
     application = build_app(entry.get("args") or {})  # validates before Ray starts
     init_ray(num_cpus)
-    serve.start(http_options=http)
+    serve.start(http_options=http, proxy_location=entry["proxy_location"])
     name = entry.get("name", "ponder")
     serve.run(application, name=name, route_prefix=entry.get("route_prefix", "/"), blocking=False)
     scheme = "https" if http.get("ssl_certfile") else "http"

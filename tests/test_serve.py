@@ -308,15 +308,18 @@ def test_disconnect_cancels_the_search(endpoint):
             c.post("/v1/solve", json={"question": Q, "method": "majority", "n": 1024})
     after = wait_idle(before)
     assert after["finished"] == before["finished"]  # it stopped, it did not run to the end
-    # a streamed answer left once its search runs
+    # a streamed answer left while its search runs (keep-alive comments come only while the search is in flight)
     body = {"model": "ponder/majority", "messages": [{"role": "user", "content": Q}], "stream": True, "budget": 1024}
     with httpx.Client(base_url=endpoint, headers=AUTH, timeout=60) as c:
         with c.stream("POST", "/v1/chat/completions", json=body) as s:
-            assert '"role": "assistant"' in next(s.iter_lines())
-            t = time.monotonic() + 60
-            while not searcher_stats()["running"]:
-                assert time.monotonic() < t
-                time.sleep(0.05)
+            lines = s.iter_lines()
+            assert '"role": "assistant"' in next(lines)
+            seen = 0
+            for line in lines:
+                seen += line == ": keep-alive"
+                if seen >= 3:
+                    break
+            assert seen >= 3, "the stream ended before its search had run for three keep-alives"
     assert wait_idle(after)["finished"] == before["finished"]
 
 
@@ -328,7 +331,8 @@ def test_overload_is_refused_at_once(endpoint, http):
 
     before = searcher_stats()
     codes = sorted(r.status_code for r in asyncio.run(burst()))
-    assert set(codes) == {503, 504} and codes.count(504) <= 4, codes  # 3 running + 1 queued; the rest at once
+    # 3 running + 1 queued (each 504 at its deadline, or 200 if the search ends first); the rest 503 at once
+    assert set(codes) <= {200, 503, 504} and codes.count(503) >= 4, codes
     t = time.monotonic() + 60
     while searcher_stats()["running"] or searcher_stats()["cancelled"] - before["cancelled"] < codes.count(504):
         assert time.monotonic() < t
