@@ -41,7 +41,8 @@ def _embed(recipe: RouteRecipe, questions: list[str]):
     return embed_questions(questions, e.name, e.pooling, e.max_length, e.sha256, e.batch_size, e.num_gpus)
 
 
-def train(recipe: RouteRecipe, out=sys.stdout) -> int:
+def train(recipe: RouteRecipe, out=None) -> int:
+    out = out or sys.stdout  # looked up per call: a stream bound at import time may be closed by now
     from app.router.data import split_questions
     from app.router.features import resolve_encoder
     from app.router.router import fit
@@ -65,7 +66,8 @@ def train(recipe: RouteRecipe, out=sys.stdout) -> int:
     return 0
 
 
-def evaluate(recipe: RouteRecipe, out=sys.stdout) -> int:
+def evaluate(recipe: RouteRecipe, out=None) -> int:
+    out = out or sys.stdout
     from app.router import policy
     from app.router.report import figures, write_eval
     from app.router.router import Router, held_out_rows
