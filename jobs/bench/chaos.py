@@ -63,36 +63,42 @@ def _search_row(fault: str, out: Path, problems: int, code: int, seconds: float)
             "duplicated": dup, "seconds": round(seconds, 1)}
 
 
-def _driver(cluster, nodes, work: Path, args) -> dict:
-    out, log = work / "driver", work / "driver.log"
+def _search_fault(cluster, work: Path, args, name: str, label: str, inject) -> dict:
+    """A search run until it is under way (3 problems written), then `inject(proc)`, which makes the fault and
+    returns the process that finishes the run (the same one, or a rerun)."""
+    out, log = work / name, work / f"{name}.log"
     t0 = time.monotonic()
     proc = _search(cluster, out, args.problems, log)
     _wait(lambda: len(written_ids(out)) >= 3, proc, log)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    again = _search(cluster, out, args.problems, log)
-    return _search_row("driver SIGKILL, rerun", out, args.problems, again.wait(timeout=900), time.monotonic() - t0)
+    finisher = inject(proc)
+    return _search_row(label, out, args.problems, finisher.wait(timeout=900), time.monotonic() - t0)
+
+
+def _driver(cluster, nodes, work: Path, args) -> dict:
+    def kill_and_rerun(proc):
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        return _search(cluster, work / "driver", args.problems, work / "driver.log")
+
+    return _search_fault(cluster, work, args, "driver", "driver SIGKILL, rerun", kill_and_rerun)
 
 
 def _replica(cluster, nodes, work: Path, args) -> dict:
-    out, log = work / "replica", work / "replica.log"
-    t0 = time.monotonic()
-    proc = _search(cluster, out, args.problems, log)
-    _wait(lambda: len(written_ids(out)) >= 3, proc, log)
-    victim = next(iter(actor_pids("PolicyActor", nodes)))
-    os.kill(victim, signal.SIGKILL)
-    return _search_row("policy replica SIGKILL", out, args.problems, proc.wait(timeout=900), time.monotonic() - t0)
+    def kill_a_policy_replica(proc):
+        os.kill(next(iter(actor_pids("PolicyActor", nodes))), signal.SIGKILL)
+        return proc
+
+    return _search_fault(cluster, work, args, "replica", "policy replica SIGKILL", kill_a_policy_replica)
 
 
 def _node(cluster, nodes, work: Path, args) -> dict:
-    out, log = work / "node", work / "node.log"
-    t0 = time.monotonic()
-    proc = _search(cluster, out, args.problems, log)
-    _wait(lambda: len(written_ids(out)) >= 3, proc, log)
-    doomed = next(iter(actor_pids("PRMActor", nodes).values()))
-    cluster.remove_node(doomed, allow_graceful=False)
-    nodes.remove(doomed)
-    row = _search_row("node with the PRM removed", out, args.problems, proc.wait(timeout=900), time.monotonic() - t0)
+    def remove_the_prms_node(proc):
+        doomed = next(iter(actor_pids("PRMActor", nodes).values()))
+        cluster.remove_node(doomed, allow_graceful=False)
+        nodes.remove(doomed)
+        return proc
+
+    row = _search_fault(cluster, work, args, "node", "node with the PRM removed", remove_the_prms_node)
     nodes.append(cluster.add_node(num_cpus=3))  # the cluster replaces the machine for the next faults
     return row
 
