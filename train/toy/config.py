@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from typing import Sequence
 
-from pydantic import Field
+from pydantic import Field, field_validator, model_validator
 
 from app.config import Config as BaseConfig
 from app.config import apply_overrides, build_config, read_recipe
@@ -14,8 +14,22 @@ from train.loop import TrainConfig
 DEFAULT_RECIPE = "toy/world"
 
 
+def _known_size(field: str, size: str) -> str:
+    from app.toy.models import SIZES
+
+    if size not in SIZES:
+        shapes = ", ".join(f"{k} (hidden {h}, {n} layers)" for k, (h, n, _, _) in SIZES.items())
+        raise ValueError(f"{field}: unknown toy model size {size!r}; one of {shapes} (app/toy/models.py)")
+    return size
+
+
 class ToySFT(BaseConfig):
     size: str = Field("tiny", description="app.toy.models size of the policy")
+
+    @field_validator("size")
+    @classmethod
+    def _size(cls, v: str) -> str:
+        return _known_size("sft.size", v)
     n_per_level: int = 8000
     levels: list[int] = [1, 2, 3, 4, 5]
     orders_per_problem: int = 1
@@ -50,15 +64,38 @@ class ToyPRM(BaseConfig):
     data: str = Field("mc", pattern="^(mc|exact)$", description="mc: the MC-labelled trajectories; exact: the "
                       "exact-labelled samples of the `exact` section (hard labels)")
     labels: str = Field("soft", pattern="^(soft|hard)$", description="which MC labels (data=mc)")
-    init_from_policy: bool = True
+    init_from_policy: bool = Field(True, description="start the PRM body from the policy's (its size, plus "
+                                   "extra_layers); false: a new body of `size`, its own")
     extra_layers: int = Field(0, ge=0, description="with init_from_policy: identity-initialised layers on top")
-    size: str = "tiny"
+    size: str = Field("tiny", description="app.toy.models size of the PRM's own body (init_from_policy: false)")
+    token_labels: float = Field(0.0, ge=0, description="weight of train.prm's per-token loss (the toy checker "
+                                "labels every token of a step); 0: step tags alone")
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(name="toy-prm", lr=1e-3, micro_batch_size=32))
+
+    @field_validator("size")
+    @classmethod
+    def _size(cls, v: str) -> str:
+        return _known_size("prm.size", v)
+
+    @model_validator(mode="after")
+    def _one_body(self):
+        if not self.init_from_policy and self.extra_layers:
+            raise ValueError("prm.extra_layers: layers on top of the policy's body need init_from_policy: true; "
+                             "with a body of its own choose prm.size instead")
+        return self
 
 
 class ToyEval(BaseConfig):
+    """What `ponder toy eval` judges on. `split: val` is for choosing hyperparameters: toy:train problems (seed 0)
+    from `val_offset` on per level, past every offset the toy synthesis and RL recipes read, so neither the test
+    split nor a recipe's training problems decide a choice."""
+
+    split: str = Field("test", pattern="^(test|val)$", description="test: toy:test; val: held-out toy:train "
+                       "problems from val_offset on (for choosing hyperparameters)")
+    val_offset: int = Field(2000, ge=1000, description="split=val: problems skipped per level of toy:train "
+                            "(the recipes read at most the first 1000)")
     n_per_level: int = 200
-    n: int = Field(16, ge=1)
+    n: int = Field(16, ge=0, description="samples per problem (0: greedy only, no PRM)")
     temperature: float = 0.7
     max_tokens: int = 320
     replicas: int = 2
@@ -83,6 +120,13 @@ class ToyConfig(BaseConfig):
     prm: ToyPRM = Field(default_factory=ToyPRM)
     eval: ToyEval = Field(default_factory=ToyEval)
     quick: dict = Field(default_factory=dict, description="dotted overrides applied by --quick")
+
+    @model_validator(mode="after")
+    def _prm_body(self):
+        if self.prm.init_from_policy and self.prm.size != self.sft.size:
+            raise ValueError(f"prm.size: {self.prm.size} is a body of the PRM's own, but prm.init_from_policy: true "
+                             f"starts it from the policy's ({self.sft.size}); set prm.init_from_policy: false")
+        return self
 
 
 def load(recipe: str | None, overrides: Sequence[str], quick: bool) -> ToyConfig:

@@ -1,12 +1,14 @@
 """Judge the toy checkpoints through the same pools and selection rules as search, so the toy numbers mean the same.
 
-On `eval.n_per_level` held-out problems per level: greedy, one sample at the eval temperature, majority@N, PRM
+On `eval.n_per_level` held-out problems per level (`eval.split`: toy:test, or `val`, held-out toy:train problems for
+choosing hyperparameters; `eval_problems`): greedy, one sample at the eval temperature, majority@N, PRM
 best-of-N (by the last and by the lowest step score), PRM-weighted majority@N, pass@N; the PRM's step ROC AUC on
 the held-out MC labels (hard labels, and the true step correctness); and the step-choice check: sampled next steps
 of each right prefix, labelled by the checker, and the share of (right, wrong) pairs of one prefix that the PRM
 (`step_choice_prm`) or the policy's log-likelihood (`step_choice_policy`) orders right: what beam search's pruning
 needs, which the pooled AUC (mixing positions and problems) flatters. The policy pool is shut down before the PRM
-pool starts: on a small machine the two do not fit at once.
+pool starts: on a small machine the two do not fit at once. `eval.n: 0` judges greedy decoding only (no samples,
+no PRM pool): the cheap check that many training seeds need.
 """
 from __future__ import annotations
 
@@ -47,11 +49,11 @@ def _solve(client, prompt: str, seed: int, e) -> tuple[str, list[str]]:
     """A Ray task: the greedy answer and `e.n` samples of one problem."""
     from app.contracts import GenerationRequest
 
-    greedy, samples = client.generate([
-        GenerationRequest(prompt, n=1, max_tokens=e.max_tokens, temperature=0.0),
-        GenerationRequest(prompt, n=e.n, max_tokens=e.max_tokens, temperature=e.temperature, seed=seed),
-    ])
-    return greedy[0].text, [c.text for c in samples]
+    requests = [GenerationRequest(prompt, n=1, max_tokens=e.max_tokens, temperature=0.0)]
+    if e.n:
+        requests.append(GenerationRequest(prompt, n=e.n, max_tokens=e.max_tokens, temperature=e.temperature, seed=seed))
+    greedy, *samples = client.generate(requests)
+    return greedy[0].text, [c.text for c in samples[0]] if samples else []
 
 
 def _next_steps(client, prompts: list[str], seed: int, e) -> list[list[tuple[str, float | None]]]:
@@ -130,6 +132,8 @@ def _problem_row(greedy: str, samples: list[str], scores: list[list[float]], gol
     from app.grading import extract_answer, grade
     from app.search.select import aggregate, answer_classes, select_majority, select_naive, select_weighted
 
+    if not samples:
+        return dict(greedy=grade(greedy, gold))
     n = len(samples)
     answers = [extract_answer(t) for t in samples]
     classes = answer_classes(answers)
@@ -149,21 +153,41 @@ def _r(x: float | None) -> float | None:
     return None if x is None or x != x else round(x, 4)
 
 
+def eval_problems(cfg: ToyConfig) -> list:
+    """The problems `evaluate` judges: the first `eval.n_per_level` of toy:test per level, or with `eval.split: val`
+    those of toy:train after skipping `eval.val_offset` per level (disjoint from test by the split's hash, and from
+    the recipes' training problems, which are the first <= 1000 per level of the same stream)."""
+    from app.toy.world import toy_problems
+
+    e = cfg.eval
+    if e.split == "test":
+        return toy_problems("test", e.n_per_level, levels=cfg.levels, seed=cfg.seed)
+    out = []
+    for level in cfg.levels:
+        out += toy_problems("train", e.val_offset + e.n_per_level, levels=[level], seed=cfg.seed)[e.val_offset:]
+    return out
+
+
 def evaluate(cfg: ToyConfig, models: Path, progress: bool = True) -> dict:
     """The metrics per level ("1".."5") and over all ("all"), as `ponder toy eval --json` prints them."""
     from app.search.tree import split_steps
     from app.toy.checker import exact_step_labels
-    from app.toy.world import toy_problems
     from train.prm import auc
     from train.sft import read_jsonl
 
     e = cfg.eval
-    for name in ("policy", "prm"):
+    for name in ("policy", "prm") if e.n else ("policy",):
         if not (models / name / "config.json").exists():
             raise FileNotFoundError(f"no toy {name} at {models / name}; run `ponder toy build` first")
-    problems = toy_problems("test", e.n_per_level, levels=cfg.levels, seed=cfg.seed)
-    step_problems = [i for level in cfg.levels
-                     for i in [j for j, p in enumerate(problems) if p.level == level][:e.step_problems_per_level]]
+    try:
+        problems = eval_problems(cfg)
+    except ValueError as err:  # a level with fewer distinct problems than split=val asks for
+        from app.config import ConfigError
+
+        raise ConfigError(f"eval: {err}; lower eval.val_offset or eval.n_per_level") from None
+    step_problems = [i for level in cfg.levels  # the step-choice check needs the PRM: none when greedy only
+                     for i in [j for j, p in enumerate(problems) if p.level == level][:e.step_problems_per_level]
+                     ] if e.n else []
     results, steps_out, sample_s = _sample(cfg, models, problems, step_problems, progress)
 
     # step choice: each right prefix's sampled next steps, labelled by the checker, scored by the PRM and the policy
@@ -178,10 +202,10 @@ def evaluate(cfg: ToyConfig, models: Path, progress: bool = True) -> dict:
                 choice_items.append((p.question, pre + [text]))
             groups += 1
     held_path = models / "heldout_mc.jsonl"
-    held = read_jsonl(held_path) if held_path.exists() else []
+    held = read_jsonl(held_path) if held_path.exists() and e.n else []
     sample_items = [(p.question, split_steps(t)) for p, (_, samples) in zip(problems, results) for t in samples]
-    scores = _prm_scores(cfg, models, sample_items + choice_items + [(r["question"], r["steps"]) for r in held],
-                         progress)
+    prm_items = sample_items + choice_items + [(r["question"], r["steps"]) for r in held]
+    scores = _prm_scores(cfg, models, prm_items, progress) if prm_items else []
     sample_scores = scores[:len(sample_items)]
     choice_prm = [s[-1] for s in scores[len(sample_items):len(sample_items) + len(choice_items)]]
     held_scores = scores[len(sample_items) + len(choice_items):]
@@ -206,7 +230,7 @@ def evaluate(cfg: ToyConfig, models: Path, progress: bool = True) -> dict:
     n = e.n
     names = dict(greedy="greedy", sample=f"sample_t{e.temperature:g}", majority=f"majority@{n}",
                  prm_best=f"prm_best_of_{n}", prm_best_min=f"prm_min_best_of_{n}", prm_weighted=f"prm_weighted@{n}",
-                 pass_n=f"pass@{n}")
+                 pass_n=f"pass@{n}") if n else dict(greedy="greedy")
 
     def table(items: list[dict], held_rows: list[int]) -> dict:
         d = {names[k]: round(sum(x[k] for x in items) / len(items), 4) for k in names} if items else {}
@@ -225,6 +249,7 @@ def evaluate(cfg: ToyConfig, models: Path, progress: bool = True) -> dict:
     out["all"] = table([x for v in by_level.values() for x in v], list(range(len(held))))
     out["all"].update(choice(None))
     out["all"]["sampling_seconds"] = round(sample_s, 1)
+    out["all"]["split"] = e.split
     return out
 
 
