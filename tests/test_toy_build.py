@@ -73,3 +73,20 @@ def test_quick_refuses_to_overwrite_shipped(capsys):
 
     assert main(["build", "--quick", "--out", str(CHECKPOINTS)]) == 2
     assert "shipped" in capsys.readouterr().err
+
+
+def test_prm_body_of_its_own_is_a_validated_recipe_option():
+    from app.config import ConfigError
+    from train.toy.config import load
+
+    cfg = load(None, ["prm.init_from_policy=false", "prm.size=small", "prm.extra_layers=0"], quick=False)
+    assert (cfg.prm.size, cfg.prm.init_from_policy) == ("small", False)
+    for overrides, needle in (
+        (["prm.init_from_policy=false", "prm.size=huge", "prm.extra_layers=0"], "prm.size: unknown toy model size 'huge'"),
+        (["prm.size=small"], "prm.init_from_policy: false"),  # a body of its own, but the recipe starts it from the policy's
+        (["prm.init_from_policy=false", "prm.size=small"], "prm.extra_layers"),  # the shipped recipe's 2 extra layers
+        (["sft.size=huge"], "sft.size: unknown toy model size"),
+    ):
+        with pytest.raises(ConfigError) as e:
+            load(None, overrides, quick=False)
+        assert needle in str(e.value) and "\n" not in str(e.value), (overrides, str(e.value))

@@ -95,6 +95,7 @@ def build(cfg: ToyConfig, out: Path) -> dict:
     prm_cfg = PRMTrainConfig(format="qwen", model=f"new:toy-{p.size}", init_from=str(policy) if p.init_from_policy else None,
                              extra_layers=p.extra_layers if p.init_from_policy else 0,
                              data=str(prm_data), eval_data=str(held_mc), labels=p.labels if p.data == "mc" else "hard",
+                             token_labels=p.token_labels,
                              output=str(out / "prm"),
                              train=prm_train)
     result, prm = train_prm(prm_cfg)
