@@ -181,7 +181,8 @@ def _read_uri(source: str, split: str | None, subset: str | None) -> tuple[Itera
         fs, path = FileSystem.from_uri(source)
         info = fs.get_file_info(path)
     except Exception as e:  # unknown scheme, no credentials, no network: one line with the cause
-        raise ProblemFormatError(f"cannot open {source}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise ProblemFormatError(f"cannot open {source}: {type(e).__name__}: {first}") from None
     scheme = source.split("://", 1)[0]
 
     def display(p: str) -> str:  # the shard's own URI, for messages: s3://bucket/data/0.parquet

@@ -7,8 +7,9 @@ problems (a failed or missing one is wrong), and the mean compute per solved pro
 --by-level adds one table per difficulty level; --json prints the summary as one JSON object instead, with the
 same counts (problems = K, solved, failed, missing). It streams: each record is summed as it is read and dropped
 (`app.search.results.read_run_tally`), so a run of a million records needs memory for its ids, not its records.
-For a method that runs once at N (beam search, DVTS, particle filtering and Gibbs, REBASE, MCTS) the n < N columns are marked `*` (`subsets` in the JSON): the rule over the
-first n of that one run's trajectories, not a run at budget n. A run with `final_selection: sample` shows its
+For a method that runs once at N (beam search, DVTS, particle filtering and Gibbs, REBASE, MCTS) the n < N columns
+are marked `*` (`subsets` in the JSON): the rule over the first n of that one run's trajectories, not a run at
+budget n. A run with `final_selection: sample` shows its
 `naive` row as "naive (drawn)": at N it is the method's drawn answer, not the argmax (`drawn` in the JSON).
 """
 from __future__ import annotations

@@ -20,7 +20,8 @@ from tests.job_helpers import lines, summary_of
 from tests.scripted import ScriptedPolicy, ScriptedPool, ScriptedPRM
 from tests.test_search_job import world, world_prm
 
-PROBLEMS = [{"id": f"q{i}", "question": f"What is {i} + 0?", "answer": str(i % 3), "level": 1 + i % 2} for i in range(6)]
+PROBLEMS = [{"id": f"q{i}", "question": f"What is {i} + 0?", "answer": str(i % 3), "level": 1 + i % 2}
+            for i in range(6)]
 
 
 def write_parquet(path, rows):
@@ -36,7 +37,8 @@ def recipe(tmp_path, source, name):
     out = tmp_path / f"out-{name}"
     path = tmp_path / f"{name}.yaml"
     path.write_text(f"job: search\ndata: {{source: '{source}'}}\nprompt: {{template: toy}}\nmethod: best_of_n\n"
-                    f"search: {{n: 4}}\nprm: {{model: scripted}}\noutput_dir: {out}\nmax_in_flight: 3\nprogress: false\n")
+                    f"search: {{n: 4}}\nprm: {{model: scripted}}\noutput_dir: {out}\nmax_in_flight: 3\n"
+                    "progress: false\n")
     return path, out
 
 

@@ -240,11 +240,12 @@ def test_parquet_folder_and_file_uris_read_the_same_problems(tmp_path):
     assert [p.id for p in load_problems(shards)] == ids
     assert [p.id for p in load_problems(shards.as_uri())] == ids  # file:///.../shards
     assert [p.id for p in load_problems((shards / "part-1.parquet").as_uri())] == ids[4:]
-    assert [p.answer for p in load_problems(write_jsonl(tmp_path / "m.jsonl", MATH_ROWS).as_uri(), limit=2)] == ["0.5", "1.5"]
+    jsonl_uri = write_jsonl(tmp_path / "m.jsonl", MATH_ROWS).as_uri()
+    assert [p.answer for p in load_problems(jsonl_uri, limit=2)] == ["0.5", "1.5"]
     # rows without ids are numbered over the whole folder, the same through a path and a URI
     write_parquet(tmp_path / "anon" / "a.parquet", GSM8K_ROWS)
     write_parquet(tmp_path / "anon" / "b.parquet", GSM8K_ROWS[:1])
-    assert [p.id for p in load_problems((tmp_path / "anon").as_uri())] == ["anon-train-0", "anon-train-1", "anon-train-2"]
+    assert [p.id for p in load_problems((tmp_path / "anon").as_uri())] == [f"anon-train-{i}" for i in range(3)]
 
 
 def test_shards_named_for_splits_read_one_split(tmp_path):
