@@ -1,6 +1,6 @@
 """Records out for analysis: a search run, a sweep or synthesis output as Parquet (`ponder export RUN --parquet OUT`).
 
-OUT is a folder of `part-NNNNN.parquet` files (`rows_per_file` rows each, row groups of `batch` rows), so pandas
+OUT is a folder of `part-NNNNN.parquet` files (`rows_per_file` rows each, row groups of ~32 MiB), so pandas
 (`pd.read_parquet(OUT)`), DuckDB (`SELECT * FROM 'OUT/*.parquet'`) and Ray Data (`ray.data.read_parquet(OUT)`)
 read it whole. Records are read and written a batch at a time: a run of any size is exported in bounded memory.
 
@@ -24,7 +24,8 @@ from typing import Any, Callable, Iterable, Iterator
 
 from app.config import ConfigError
 
-BATCH = 1000
+BATCH = 256  # records converted to Arrow at a time
+ROW_GROUP_BYTES = 32 * 2**20  # Arrow bytes buffered per Parquet row group
 ROWS_PER_FILE = 100_000
 PART = "part-{:05d}.parquet"
 COMPUTE_FIELDS = ("prompt_tokens", "generated_tokens", "prm_tokens", "policy_flops", "prm_flops", "flops",
@@ -238,11 +239,30 @@ class PartWriter:
         self.rows = 0
         self._writer = self._stream = None
         self._in_file = 0
+        self._buffer: list = []  # Arrow record batches of this row group
+        self._buffered = 0
 
     def _path(self, i: int, hidden: bool = False) -> str:
         return f"{self.root}/{'.' if hidden else ''}{PART.format(i)}"
 
+    def _open(self) -> None:
+        import pyarrow.parquet as pq
+
+        if self._writer is None:
+            self._stream = self.fs.open_output_stream(self._path(len(self.files), hidden=True))
+            self._writer = pq.ParquetWriter(self._stream, self.schema)
+
+    def _flush(self) -> None:
+        """The buffered batches as one row group."""
+        import pyarrow as pa
+
+        if self._buffer:
+            self._open()
+            self._writer.write_table(pa.Table.from_batches(self._buffer, schema=self.schema))
+            self._buffer, self._buffered = [], 0
+
     def _close_part(self) -> None:
+        self._flush()
         if self._writer is not None:
             self._writer.close()
             self._stream.close()
@@ -254,27 +274,25 @@ class PartWriter:
 
     def write(self, rows: list[dict]) -> None:
         import pyarrow as pa
-        import pyarrow.parquet as pq
 
         while rows:
-            if self._writer is None:
-                self._stream = self.fs.open_output_stream(self._path(len(self.files), hidden=True))
-                self._writer = pq.ParquetWriter(self._stream, self.schema)
             take = rows[: self.rows_per_file - self._in_file]
-            self._writer.write_table(pa.Table.from_pylist(take, schema=self.schema))
+            batch = pa.RecordBatch.from_pylist(take, schema=self.schema)
+            self._buffer.append(batch)
+            self._buffered += batch.nbytes
             self._in_file += len(take)
             self.rows += len(take)
             rows = rows[len(take):]
             if self._in_file >= self.rows_per_file:
                 self._close_part()
+            elif self._buffered >= ROW_GROUP_BYTES:
+                self._flush()
 
     def close(self) -> list[str]:
-        import pyarrow.parquet as pq
         from pyarrow.fs import FileSelector, FileType
 
-        if self._writer is None and not self.files:  # no rows at all: one empty part keeps the schema
-            self._stream = self.fs.open_output_stream(self._path(0, hidden=True))
-            self._writer = pq.ParquetWriter(self._stream, self.schema)
+        if not self.files and not self._buffer:  # no rows at all: one empty part keeps the schema
+            self._open()
         self._close_part()
 
         for info in self.fs.get_file_info(FileSelector(self.root)):
