@@ -111,6 +111,20 @@ def test_export_round_trips_a_run_and_a_sweep(runs, tmp_path, capsys):
     assert df.groupby("trial").size().to_dict() == {"best_of_n-file": 6, "best_of_n-uri": 6}
 
 
+def test_fields_outside_the_schema_round_trip_through_extra():
+    import pyarrow as pa
+
+    from app.export import search_row, search_schema
+
+    rec = {"id": "a", "question": "Q", "gold": "1", "level": "Level ?", "method": "mcts", "N": 2,
+           "config": {"n": 2, "c_puct": 1.5}, "trajectories": [{"steps": ["s"], "scores": None, "value": 0.3}],
+           "selection": {"naive": {"2": {"index": 0, "answer": "1", "correct": True}}},
+           "compute": {"flops": 3.0, "tree_nodes": 7}, "note": {"any": ["thing"]}}
+    [row] = pa.Table.from_pylist([search_row(rec)], schema=search_schema()).to_pylist()
+    assert row["level"] is None and json.loads(row["extra"])["level"] == "Level ?"
+    assert record_of(row) == rec
+
+
 def test_export_of_synthesis_output_keeps_its_fields(tmp_path, capsys):
     import pandas as pd
 
