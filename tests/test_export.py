@@ -194,7 +194,7 @@ def test_report_holds_no_records_while_it_reads(tmp_path):
 
     step = "x" * 200
     with ResultsWriter(tmp_path) as w:
-        for i in range(400):
+        for i in range(200):
             w.write({"id": f"p{i}", "level": 1, "method": "best_of_n", "N": 32,
                      "trajectories": [{"steps": [step] * 6, "scores": [0.5] * 6} for _ in range(32)],
                      "selection": {"maj": {"32": {"correct": i % 2 == 0}}}, "compute": {"flops": 1.0}})
