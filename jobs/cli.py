@@ -10,6 +10,7 @@ COMMANDS = {
     "toy": ("jobs.toy", "build or evaluate the toy world (toy build / toy eval)"),
     "search": ("jobs.search", "solve a data set with a search method"),
     "report": ("jobs.report", "print the accuracy table of a search run again"),
+    "export": ("jobs.export", "a run's records as Parquet (export RUN --parquet OUT)"),
     "train": ("jobs.train", "SFT, PRM, DPO, step-DPO, LaTRO, PPO on Ray Train + DeepSpeed (--config toy/sft)"),
     "synthesize": ("jobs.synthesize", "training data from the pools (synthesize pairs --config toy/pairs)"),
     "tune": ("jobs.tune", "sweep compute budgets on Ray Tune (--config toy/sweep_quick)"),

@@ -5,9 +5,11 @@ run starts) and its failures (failures.jsonl), and prints "solved k of K, f fail
 problem has a record, right or wrong), the accuracy per selection rule (naive, weighted, maj) and n over all K
 problems (a failed or missing one is wrong), and the mean compute per solved problem (tokens, FLOPs, seconds);
 --by-level adds one table per difficulty level; --json prints the summary as one JSON object instead, with the
-same counts (problems = K, solved, failed, missing). For a method that runs once at N (beam search, DVTS, particle
-filtering and Gibbs, REBASE, MCTS) the n < N columns are marked `*` (`subsets` in the JSON): the rule over the
-first n of that one run's trajectories, not a run at budget n. A run with `final_selection: sample` shows its
+same counts (problems = K, solved, failed, missing). It streams: each record is summed as it is read and dropped
+(`app.search.results.read_run_tally`), so a run of a million records needs memory for its ids, not its records.
+For a method that runs once at N (beam search, DVTS, particle filtering and Gibbs, REBASE, MCTS) the n < N columns
+are marked `*` (`subsets` in the JSON): the rule over the first n of that one run's trajectories, not a run at
+budget n. A run with `final_selection: sample` shows its
 `naive` row as "naive (drawn)": at N it is the method's drawn answer, not the argmax (`drawn` in the JSON).
 """
 from __future__ import annotations
@@ -23,7 +25,7 @@ from jobs.common import user_errors
 
 @user_errors
 def main(argv: Sequence[str] | None = None) -> int:
-    from app.search.results import format_report, read_run, summarize
+    from app.search.results import format_run, read_run_tally
 
     p = argparse.ArgumentParser(prog="ponder report", description="Print the accuracy table of a search run.")
     p.add_argument("results", nargs="+", help="output directories of search runs")
@@ -34,17 +36,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     for i, d in enumerate(args.results):
         if not Path(d).is_dir():
             raise FileNotFoundError(f"no results directory {d}")
-        records, expected, failed = read_run(d)
-        if not records and expected is None and not failed:
+        tally, expected, failed = read_run_tally(d, by_level=args.by_level and not args.json)
+        if not tally.count and expected is None and not failed:
             raise FileNotFoundError(f"{d} holds no result shards (shard-*.jsonl) and no problems.json")
         if args.json:
-            s = summarize(records, expected, failed)
+            s = tally.summary(expected, failed)
             s["accuracy"] = {rule: {str(n): a for n, a in by_n.items()} for rule, by_n in s["accuracy"].items()}
             summaries[d] = s
         else:
             if i:
                 print()
-            print(format_report(records, by_level=args.by_level, title=d, expected=expected, failed=failed))
+            print(format_run(tally, by_level=args.by_level, title=d, expected=expected, failed=failed))
     if args.json:
         print(json.dumps(summaries if len(summaries) > 1 else next(iter(summaries.values())), sort_keys=True))
     return 0

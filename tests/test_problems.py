@@ -217,3 +217,62 @@ def test_empty_file_is_an_error(tmp_path):
         (tmp_path / name).write_text(text)
         with pytest.raises(ProblemFormatError, match=f"{name}.*no problems"):
             load_problems(tmp_path / name)
+
+
+# ------------------------------------------------------------------------------------------------ URIs and shards
+
+
+def write_parquet(path, rows):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+def test_parquet_folder_and_file_uris_read_the_same_problems(tmp_path):
+    shards = tmp_path / "shards"
+    write_parquet(shards / "part-0.parquet", MATH_ROWS[:4])
+    write_parquet(shards / "part-1.parquet", MATH_ROWS[4:])
+    (shards / "_SUCCESS").write_text("")  # a writer's marker file is not a shard
+    ids = [r["unique_id"] for r in MATH_ROWS]
+    assert [p.id for p in load_problems(shards)] == ids
+    assert [p.id for p in load_problems(shards.as_uri())] == ids  # file:///.../shards
+    assert [p.id for p in load_problems((shards / "part-1.parquet").as_uri())] == ids[4:]
+    jsonl_uri = write_jsonl(tmp_path / "m.jsonl", MATH_ROWS).as_uri()
+    assert [p.answer for p in load_problems(jsonl_uri, limit=2)] == ["0.5", "1.5"]
+    # rows without ids are numbered over the whole folder, the same through a path and a URI
+    write_parquet(tmp_path / "anon" / "a.parquet", GSM8K_ROWS)
+    write_parquet(tmp_path / "anon" / "b.parquet", GSM8K_ROWS[:1])
+    assert [p.id for p in load_problems((tmp_path / "anon").as_uri())] == [f"anon-train-{i}" for i in range(3)]
+
+
+def test_shards_named_for_splits_read_one_split(tmp_path):
+    hub = tmp_path / "hub"
+    write_parquet(hub / "data" / "test-00000-of-00001.parquet", MATH_ROWS[:3])
+    write_parquet(hub / "data" / "train-00000-of-00001.parquet", MATH_ROWS[3:])
+    assert len(load_problems(hub)) == 3  # test by default, as for Hub names
+    assert len(load_problems(hub.as_uri(), split="train")) == 7
+    with pytest.raises(ProblemFormatError, match="no files for split 'dev'"):
+        load_problems(hub.as_uri(), split="dev")
+
+
+def test_uri_errors_name_the_shard_row_and_key_in_one_line(tmp_path):
+    write_parquet(tmp_path / "s" / "part-0.parquet", MATH_ROWS[:2])
+    write_parquet(tmp_path / "s" / "part-1.parquet", [{"prompt": "2+2?", "answer": "4"}])
+    with pytest.raises(ProblemFormatError, match=r"file://.*s/part-1\.parquet row 0: record has no 'problem'"):
+        load_problems((tmp_path / "s").as_uri())
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"question": "1?", "answer": "1"}\n{"question": \n')
+    with pytest.raises(ProblemFormatError, match=r"file://.*broken\.jsonl line 2: not valid JSON"):
+        load_problems(broken.as_uri())
+    with pytest.raises(FileNotFoundError, match="nope.parquet"):
+        load_problems((tmp_path / "nope.parquet").as_uri())
+    with pytest.raises(ProblemFormatError, match=r"cannot open nosuch://x/y: .*Unrecognized filesystem") as e:
+        load_problems("nosuch://x/y")
+    assert "\n" not in str(e.value)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("x")
+    with pytest.raises(ProblemFormatError, match="no .jsonl, .json or .parquet files"):
+        load_problems((tmp_path / "empty").as_uri())

@@ -28,8 +28,8 @@ from app.fanout import windowed
 from app.problems import Problem, build_prompt
 from app.search.record import parts_of, record_from_parts, solve_part
 from app.search.recipe import SearchRecipe
-from app.search.results import (ResultsWriter, clear_failures, finished_ids, format_report, read_failures,
-                                read_records, write_failure, write_plan, write_run_config)
+from app.search.results import (ResultsWriter, Tally, clear_failures, finished_ids, format_run, iter_records,
+                                read_failures, write_failure, write_plan, write_run_config)
 
 
 def make_prompt(problem: Problem, recipe: SearchRecipe, tokenizer: Any) -> str:
@@ -146,6 +146,9 @@ def solve_all(recipe: SearchRecipe, todo: Sequence[Problem], pools: Any, tokeniz
 def report(recipe: SearchRecipe, problems: Sequence[Problem]) -> str:
     """The accuracy table over `problems` (a failed or missing one counts as wrong), from `output_dir`."""
     expected = {p.id: p.level for p in problems}
-    records = [r for r in read_records(recipe.output_dir) if r["id"] in expected]
-    failed = [pid for pid in read_failures(recipe.output_dir) if pid in expected]
-    return format_report(records, by_level=True, title=str(recipe.output_dir), expected=expected, failed=failed)
+    tally = Tally(expected, by_level=True)  # streamed: no record is held
+    for rec in iter_records(recipe.output_dir):
+        if rec["id"] in expected:
+            tally.add(rec)
+    failed = [pid for pid in read_failures(recipe.output_dir, done=tally.ids) if pid in expected]
+    return format_run(tally, by_level=True, title=str(recipe.output_dir), expected=expected, failed=failed)

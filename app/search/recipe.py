@@ -40,7 +40,8 @@ def prm_pairing_error(search: Any, prm: PRMPoolConfig | None) -> str | None:
 
 
 class DataConfig(Config):
-    source: str = Field("toy:test", description="a file, a data set folder, a Hub name (NAME[:SUBSET]:SPLIT) or toy:test")
+    source: str = Field("toy:test", description="a .jsonl/.json/.parquet file, a folder of Parquet shards, a URI of "
+                        "either (file://, s3://, gs://), a data set folder, a Hub name (NAME[:SUBSET]:SPLIT) or toy:test")
     split: str | None = None
     subset: str | None = None
     limit: int | None = Field(None, ge=0, description="the first `limit` problems (after shuffling)")

@@ -9,8 +9,10 @@ Layout of an output directory:
                                   is no longer failed, and a later run drops its lines
 
 A killed run leaves at most one partial last line in its shard; readers skip it, so that problem is redone on
-resume. `finished_ids` returns the problems to skip; `read_records` returns each problem once (the first record).
-Accuracy counts every problem of the run: a failed or missing one (no record) is wrong (`summarize`).
+resume. `finished_ids` returns the problems to skip; `iter_records` yields each problem once (the first record),
+`read_records` is its list. Accuracy counts every problem of the run: a failed or missing one (no record) is wrong
+(`summarize`). The report streams (`read_run_tally`): each record is added to a `Tally` of running sums as it is
+read and dropped, so a run of a million records is summarised without holding them.
 """
 from __future__ import annotations
 
@@ -79,17 +81,20 @@ def shard_files(out_dir: str | Path) -> list[Path]:
     return sorted(d.glob(SHARD_GLOB)) if d.is_dir() else []
 
 
-def read_records(out_dir: str | Path) -> list[dict]:
-    """Every finished problem's record, once each (the first written wins), shards in name order."""
+def iter_records(out_dir: str | Path) -> Iterator[dict]:
+    """Every finished problem's record, once each (the first written wins), shards in name order, as they are read."""
     seen: set = set()
-    out = []
     for path in shard_files(out_dir):
         for rec in _iter_lines(path):
             if rec["id"] in seen:
                 continue
             seen.add(rec["id"])
-            out.append(rec)
-    return out
+            yield rec
+
+
+def read_records(out_dir: str | Path) -> list[dict]:
+    """Every finished problem's record, once each (the first written wins), shards in name order."""
+    return list(iter_records(out_dir))
 
 
 def finished_ids(out_dir: str | Path) -> set:
@@ -209,17 +214,112 @@ def read_run(out_dir: str | Path) -> tuple[list[dict], dict[str, Any] | None, di
 # ---------------------------------------------------------------- the summary table
 
 
-def _universe(records: list[dict], expected: dict[str, Any] | None, failed: Iterable[str]) -> dict[str, Any]:
-    """Every problem counted (id -> level): the expected ones, and any record or failure beyond them."""
-    u = dict(expected or {})
-    for r in records:
-        u.setdefault(r["id"], r.get("level"))
-    for pid in failed:
-        u.setdefault(pid, None)
-    return u
+SUM_KEYS = ("prompt_tokens", "generated_tokens", "prm_tokens", "flops", "seconds")
 
 
-def summarize(records: list[dict], expected: dict[str, Any] | None = None, failed: Iterable[str] = ()) -> dict:
+class Tally:
+    """What `summarize` needs of a run's records, as running sums: `add` one record at a time, then `summary`.
+
+    Holds no record, only each problem's id (and, `by_level`, one Tally per difficulty level), so `ponder report`
+    streams a run of any size. `expected` (id -> level): the run's problems, whose level groups a record by_level
+    (else the record's own level), as `format_report` groups them.
+    """
+
+    def __init__(self, expected: dict[str, Any] | None = None, by_level: bool = False):
+        self.expected = expected
+        self.levels: dict[Any, Tally] | None = {} if by_level else None
+        self.ids: set = set()
+        self.count = 0
+        self.acc: dict[str, dict[int, list[int]]] = {}  # rule -> n -> [correct, records]
+        self.sums = {k: 0.0 for k in SUM_KEYS}
+        self.counted = 0  # records that report the computed figures
+        self.computed = {k: 0.0 for k in COMPUTED_KEYS}
+        self.methods: set[str] = set()
+        self.N = 0
+        self.drawn = False
+
+    @classmethod
+    def of(cls, records: Iterable[dict], expected: dict[str, Any] | None = None, by_level: bool = False) -> "Tally":
+        t = cls(expected, by_level)
+        for rec in records:
+            t.add(rec)
+        return t
+
+    def add(self, rec: dict) -> None:
+        self.ids.add(rec["id"])
+        self.count += 1
+        for rule, by_n in (rec.get("selection") or {}).items():
+            for n, sel in by_n.items():
+                c = self.acc.setdefault(rule, {}).setdefault(int(n), [0, 0])
+                c[0] += 1 if sel.get("correct") else 0
+                c[1] += 1
+        compute = rec.get("compute") or {}
+        for k in SUM_KEYS:
+            self.sums[k] += float(compute.get(k, 0.0))
+        if "computed_flops" in compute:
+            self.counted += 1
+            for k in COMPUTED_KEYS:
+                self.computed[k] += float(compute.get(k, 0.0))
+        self.methods.add(str(rec.get("method")))
+        self.N = max(self.N, int(rec.get("N") or 0))
+        self.drawn = self.drawn or (rec.get("config") or {}).get("final_selection") == "sample"
+        if self.levels is not None:
+            expected = self.expected or {}
+            level = expected[rec["id"]] if rec["id"] in expected else rec.get("level")
+            self.levels.setdefault(level, Tally()).add(rec)
+
+    def problems(self, expected: dict[str, Any] | None, failed_ids: set) -> int:
+        """K: the expected problems, and any record or failure beyond them."""
+        expected = expected or {}
+        return (len(expected) + sum(1 for i in self.ids if i not in expected)
+                + sum(1 for i in failed_ids if i not in expected))
+
+    def summary(self, expected: dict[str, Any] | None = None, failed: Iterable[str] = ()) -> dict:
+        """`summarize`'s dict (see there) of the records added so far."""
+        failed_ids = set(failed) - self.ids
+        total = self.problems(expected, failed_ids)
+        n_rec = self.count
+        compute: dict[str, float | None] = {k: (self.sums[k] / n_rec if n_rec else 0.0) for k in SUM_KEYS}
+        for k in COMPUTED_KEYS:
+            compute[k] = self.computed[k] / self.counted if self.counted else None
+        methods = sorted(self.methods)
+        unsolved = total - n_rec
+        one_run = [m for m in methods if m not in INDEPENDENT_SAMPLES]
+        return {
+            "problems": total,
+            "solved": n_rec,
+            "failed": len(failed_ids),
+            "missing": unsolved - len(failed_ids),
+            "method": ",".join(methods),
+            "N": self.N,
+            "accuracy": {rule: {n: by_n[n][0] / (by_n[n][1] + unsolved) for n in sorted(by_n)}
+                         for rule, by_n in self.acc.items()},
+            # n < N of a one-run method: subsets of one run at N, not runs at budget n
+            "subsets": sorted({n for by_n in self.acc.values() for n in by_n if n < self.N}) if one_run else [],
+            # final_selection: sample: `naive` at N is the method's drawn answer, not the argmax
+            "drawn": self.drawn,
+            "compute": compute,
+        }
+
+    def level_groups(self, failed: Iterable[str] = ()) -> dict[Any, dict[str, Any]]:
+        """Every problem counted (expected ones, records, failures), grouped by level: {level: {id: level}}."""
+        expected = self.expected or {}
+        groups: dict[Any, dict[str, Any]] = {}
+        for pid, lvl in expected.items():
+            groups.setdefault(lvl, {})[pid] = lvl
+        seen = set()
+        for lvl, t in (self.levels or {}).items():
+            for pid in t.ids:
+                if pid not in expected:
+                    groups.setdefault(lvl, {})[pid] = lvl
+            seen |= t.ids
+        for pid in failed:
+            if pid not in expected and pid not in seen:
+                groups.setdefault(None, {})[pid] = None
+        return groups
+
+
+def summarize(records: Iterable[dict], expected: dict[str, Any] | None = None, failed: Iterable[str] = ()) -> dict:
     """Accuracy per rule and n over every problem, and mean compute per solved problem.
 
     `expected` (id -> level) is every problem of the run, `failed` the ids that failed: a problem with no record,
@@ -233,43 +333,20 @@ def summarize(records: list[dict], expected: dict[str, Any] | None = None, faile
     `final_selection: sample`, whose `naive` at N is the drawn answer (the method's own), not the argmax.
     Compute: the nominal tokens and FLOPs (prompt_tokens, generated_tokens, prm_tokens, flops), the computed ones
     (computed_...: after the engines' prefix caches; None when no record reports them) and wall seconds.
+    `records` may be any iterable (a generator is read once: see `Tally`).
     """
-    ids = {r["id"] for r in records}
-    failed_ids = set(failed) - ids
-    total = len(_universe(records, expected, failed_ids))
-    acc: dict[str, dict[int, list[int]]] = {}
-    for rec in records:
-        for rule, by_n in (rec.get("selection") or {}).items():
-            for n, sel in by_n.items():
-                acc.setdefault(rule, {}).setdefault(int(n), []).append(1 if sel.get("correct") else 0)
-    keys = ("prompt_tokens", "generated_tokens", "prm_tokens", "flops", "seconds")
-    compute = {
-        k: (sum(float((r.get("compute") or {}).get(k, 0.0)) for r in records) / len(records) if records else 0.0)
-        for k in keys
-    }
-    # computed after the prefix caches: over the records that report it (none before it was counted)
-    counted = [r for r in records if "computed_flops" in (r.get("compute") or {})]
-    for k in COMPUTED_KEYS:
-        compute[k] = sum(float(r["compute"].get(k, 0.0)) for r in counted) / len(counted) if counted else None
-    methods = sorted({str(r.get("method")) for r in records})
-    unsolved = total - len(records)
-    N = max((int(r.get("N") or 0) for r in records), default=0)
-    one_run = [m for m in methods if m not in INDEPENDENT_SAMPLES]
-    return {
-        "problems": total,
-        "solved": len(records),
-        "failed": len(failed_ids),
-        "missing": unsolved - len(failed_ids),
-        "method": ",".join(methods),
-        "N": N,
-        "accuracy": {rule: {n: sum(v) / (len(v) + unsolved) for n, v in sorted(by_n.items())}
-                     for rule, by_n in acc.items()},
-        # n < N of a one-run method: subsets of one run at N, not runs at budget n
-        "subsets": sorted({n for by_n in acc.values() for n in by_n if n < N}) if one_run else [],
-        # final_selection: sample: `naive` at N is the method's drawn answer, not the argmax
-        "drawn": any((r.get("config") or {}).get("final_selection") == "sample" for r in records),
-        "compute": compute,
-    }
+    return Tally.of(records).summary(expected, failed)
+
+
+def read_run_tally(out_dir: str | Path, by_level: bool = False
+                   ) -> tuple[Tally, dict[str, Any] | None, dict[str, str]]:
+    """`read_run`, streamed: the records summed into a Tally as they are read (none kept), the run's problems and
+    its failures."""
+    expected = read_plan(out_dir)
+    tally = Tally(expected, by_level)
+    for rec in iter_records(out_dir):
+        tally.add(rec)
+    return tally, expected, read_failures(out_dir, done=tally.ids)
 
 
 def _fmt_table(header: list[str], rows: list[list[str]]) -> str:
@@ -287,14 +364,20 @@ def _flops(x: float) -> str:
     return f"{x:.3g} FLOPs"
 
 
-def format_summary(records: list[dict], title: str = "", expected: dict[str, Any] | None = None,
+def format_summary(records: Iterable[dict], title: str = "", expected: dict[str, Any] | None = None,
                    failed: Iterable[str] = ()) -> str:
     """The count of solved, failed and missing problems, the accuracy table (rows: selection rule; columns: n) and
     mean compute per solved problem."""
-    s = summarize(records, expected, failed)
+    return format_tally(Tally.of(records), title, expected, failed)
+
+
+def format_tally(tally: Tally, title: str = "", expected: dict[str, Any] | None = None,
+                 failed: Iterable[str] = ()) -> str:
+    """`format_summary` of a Tally."""
+    s = tally.summary(expected, failed)
     counts = (f"solved {s['solved']} of {s['problems']}, {s['failed']} failed, {s['missing']} missing "
               f"(solved = has a record, right or wrong; failed and missing problems count as wrong)")
-    if not records:
+    if not tally.count:
         return "\n".join([f"{title}: no finished problems" if title else "no finished problems"]
                          + ([counts] if s["problems"] else []))
     ns = sorted({n for by_n in s["accuracy"].values() for n in by_n})
@@ -329,22 +412,25 @@ def format_summary(records: list[dict], title: str = "", expected: dict[str, Any
     return "\n".join([head, counts, _fmt_table(header, rows), *notes, per])
 
 
-def format_report(records: list[dict], by_level: bool = False, title: str = "", expected: dict[str, Any] | None = None,
-                  failed: Iterable[str] = ()) -> str:
+def format_report(records: Iterable[dict], by_level: bool = False, title: str = "",
+                  expected: dict[str, Any] | None = None, failed: Iterable[str] = ()) -> str:
     """The summary over every problem (`summarize`), then (by_level) one summary per difficulty level, then what
     nominal and computed compute mean."""
+    return format_run(Tally.of(records, expected, by_level), by_level, title, expected, failed)
+
+
+def format_run(tally: Tally, by_level: bool = False, title: str = "", expected: dict[str, Any] | None = None,
+               failed: Iterable[str] = ()) -> str:
+    """`format_report` of a Tally (made with the same `expected`, and `by_level` for the per-level tables)."""
     failed = set(failed)
-    out = [format_summary(records, title, expected, failed)]
+    out = [format_tally(tally, title, expected, failed)]
     if by_level:
-        universe = _universe(records, expected, failed)
-        levels: dict[Any, dict[str, Any]] = {}
-        for pid, lvl in universe.items():
-            levels.setdefault(lvl, {})[pid] = lvl
+        levels = tally.level_groups(failed)
         for lvl in sorted(levels, key=lambda x: (x is None, str(x))):
             ids = levels[lvl]
             out.append("")
-            out.append(format_summary([r for r in records if r["id"] in ids], f"level {lvl}", ids, failed & set(ids)))
-    if any("computed_flops" in (r.get("compute") or {}) for r in records):
+            out.append(format_tally((tally.levels or {}).get(lvl) or Tally(), f"level {lvl}", ids, failed & set(ids)))
+    if tally.counted:
         out += ["", "nominal: every prompt token of every call and every PRM token of every re-scored path, as the "
                     "papers count; computed: what the engines ran after their prefix caches"]
     return "\n".join(out)

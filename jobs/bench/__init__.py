@@ -22,6 +22,7 @@ TARGETS = {
     "tune": "jobs.bench.tune",
     "train": "jobs.bench.train",
     "chaos": "jobs.bench.chaos",
+    "records": "jobs.bench.records",
 }
 
 
