@@ -31,11 +31,6 @@ ROW = "_row"  # the example's place in the data set's order (what the batch plan
 JSONL = ("jsonl", "json")
 
 
-def is_generated(data: str | None) -> bool:
-    """True for data a task makes itself (toy:train) rather than reads from a file, a folder or a URI."""
-    return data is None or str(data).startswith(("toy:", "new:"))
-
-
 def data_format(source: str) -> str:
     """'parquet' or 'jsonl', from the file's extension or, for a folder, from the files inside it."""
     import pyarrow.fs as pafs
