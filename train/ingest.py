@@ -117,7 +117,7 @@ def prepare(task, cfg) -> Ingest:
     import pyarrow as pa
     import ray.data
 
-    from train.loop import epoch_batches
+    from train.batches import epoch_batches
 
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # one progress report per stage is noise here
     ctx = ray.data.DataContext.get_current()

@@ -57,6 +57,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator
 
 from app.config import Config
+from train.batches import epoch_batches  # noqa: F401 (the batch plan; tests and benches import it here)
 from train.export import export_to, exported_model
 
 REPO = Path(__file__).resolve().parent.parent
@@ -213,25 +214,6 @@ class TrainTask:
     def evaluate(self, model, tokenizer) -> dict:
         """Optional metrics at the end of each epoch (rank 0 runs it; keep it cheap)."""
         return {}
-
-
-def epoch_batches(lengths: list[int], micro: int, world: int, accum: int, seed: int, epoch: int) -> list[list[int]]:
-    """Micro batches of example indices for one epoch, the same on every rank; rank r takes batches r, r+world, ...
-
-    Examples are shuffled, then sorted by length inside windows of 64 micro batches (less padding), and the
-    micro batches shuffled again. The count is cut to a multiple of world * accum so all ranks step together.
-    """
-    rng = random.Random(f"{seed}:{epoch}")
-    idx = list(range(len(lengths)))
-    rng.shuffle(idx)
-    window = micro * 64
-    batches = []
-    for start in range(0, len(idx), window):
-        chunk = sorted(idx[start:start + window], key=lambda i: lengths[i])
-        batches += [chunk[i:i + micro] for i in range(0, len(chunk), micro) if len(chunk[i:i + micro]) == micro]
-    rng.shuffle(batches)
-    keep = len(batches) // (world * accum) * (world * accum)
-    return batches[:keep]
 
 
 def _lr_lambda(cfg: TrainConfig, total_steps: int):
