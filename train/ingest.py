@@ -193,6 +193,7 @@ def shard_examples(rank: int) -> dict[int, dict]:
     """In a Ray Train worker: this rank's examples, by row number (the loop indexes them as it would a list)."""
     import ray.train
 
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
     out: dict[int, dict] = {}
     for batch in ray.train.get_dataset_shard(Ingest.name(rank)).iter_batches(batch_format="pyarrow",
                                                                                  batch_size=None):
