@@ -125,11 +125,15 @@ def prepare(task, cfg) -> Ingest:
     ctx.execution_options.preserve_order = True  # the row numbers follow the files' order, on every run
     source = task.source()
     records = read_dataset(source)
+    data_log = logging.getLogger("ray.data")
+    data_log.setLevel(logging.CRITICAL)  # a failure is raised below: a bad record as its own one line
     try:
         examples = records.map_batches(_Examples, fn_constructor_args=(task,), batch_format="pyarrow",
                                        concurrency=(1, 4), batch_size=1024).materialize()
-    except Exception as e:  # a bad record: its own one line, not Ray Data's traceback
+    except Exception as e:
         raise _config_error_in(e) or e
+    finally:
+        data_log.setLevel(logging.WARNING)
     n = examples.count()
     if not n:
         raise ConfigError(f"data: {source} gives no training examples ({records.count()} records, all dropped)")
