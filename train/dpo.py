@@ -180,6 +180,17 @@ class DPOTask(TrainTask):
             print(f"{self.cfg.job}: dropped {dropped} pairs longer than max_length={self.cfg.max_length} or empty")
         return examples
 
+    def source(self) -> str | None:
+        return self.cfg.data
+
+    def record_spec(self) -> dict:
+        return {"required": PAIR_FIELDS, "optional": PAIR_OPTIONAL, "choices": {"kind": PAIR_KINDS},
+                "why": " (every pair needs one)"}
+
+    def examples_of(self, records, tokenizer) -> list[dict]:
+        kinds = self.cfg.kinds
+        return self.encode([r for r in records if r.get("kind") is None or r["kind"] in kinds], tokenizer)[0]
+
     def collate(self, examples, tokenizer):
         """Rows 0..B-1 are the chosen responses, B..2B-1 the rejected ones (one forward for both, as TRL)."""
         import torch
@@ -218,28 +229,39 @@ class DPOTask(TrainTask):
                       "chosen_reward": float(cr.detach().mean()), "rejected_reward": float(rr.detach().mean())}
 
     def prepare(self, engine, examples, tokenizer, rank, world):
-        """The frozen reference's log-probs of every pair, by the engine before any update (module docstring)."""
+        """The frozen reference's log-probs of every pair, by the engine before any update (module docstring).
+        All examples on every rank (a list): the ranks share the batches and sum the results; a rank's own shard
+        (Ray Data ingest, a dict): each rank scores its own rows."""
         import torch
 
-        order = sorted(range(len(examples)), key=lambda i: examples[i]["length"])
+        sharded = isinstance(examples, dict)
+        items = list(examples.values()) if sharded else examples
+        order = sorted(range(len(items)), key=lambda i: items[i]["length"])
         bs = self.cfg.train.micro_batch_size
         batches = [order[i:i + bs] for i in range(0, len(order), bs)]
-        rounds = -(-len(batches) // world)
-        ref = torch.zeros((len(examples), 2), dtype=torch.float64, device=engine.device)
+        if sharded:
+            mine = batches
+            rounds = torch.tensor([len(batches)])
+            if world > 1:
+                torch.distributed.all_reduce(rounds, op=torch.distributed.ReduceOp.MAX)
+            rounds = int(rounds)
+        else:
+            mine = batches[rank::world]
+            rounds = -(-len(batches) // world)
+        ref = torch.zeros((len(items), 2), dtype=torch.float64, device=engine.device)
         engine.eval()
         with torch.no_grad():
             for r in range(rounds):
-                b = r * world + rank
-                idx = batches[b] if b < len(batches) else batches[0]  # ZeRO-3: every rank runs the same forwards
-                batch = self.collate([examples[i] for i in idx], tokenizer)
+                idx = mine[r] if r < len(mine) else batches[0]  # ZeRO-3: every rank runs the same forwards
+                batch = self.collate([items[i] for i in idx], tokenizer)
                 batch = {k: v.to(engine.device) for k, v in batch.items()}
                 logps, _ = self.sequence_logps(engine, batch)
-                if b < len(batches):
+                if r < len(mine):
                     ref[idx] = torch.stack(logps.chunk(2), dim=-1).to(ref.dtype)
         engine.train()
-        if world > 1:
+        if world > 1 and not sharded:
             torch.distributed.all_reduce(ref)
-        for e, row in zip(examples, ref.tolist()):
+        for e, row in zip(items, ref.tolist()):
             e["ref"] = row
 
     def evaluate(self, model, tokenizer) -> dict:
@@ -255,6 +277,12 @@ def check(cfg: DPOConfig) -> None:
     """What can be checked without Ray, in well under a second: the pairs file exists and every record has
     `prompt`, `chosen` and `rejected` strings (a string `prefix`, a known `kind` and a boolean `eos` where given),
     else one line naming the file, the line and the field; some pair is of the trained kinds; the model exists."""
+    from train.ingest import check_data
+
+    if not check_data(cfg.data, {}, cfg.train.ingest):  # Parquet, a folder, a URI: checked as Ray Data reads it
+        from actors.replicas import check_model
+
+        return check_model(cfg.model)
     kinds_seen: dict[str, int] = {}
     for rec in iter_jsonl(cfg.data, PAIR_FIELDS, PAIR_OPTIONAL, {"kind": PAIR_KINDS}, " (every pair needs one)",
                           key="data"):

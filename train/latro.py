@@ -42,7 +42,7 @@ from pydantic import Field
 from app.config import Config
 from app.pool_config import PoolConfig
 from train.loop import TrainConfig, fit_and_export
-from train.records import check_records, read_jsonl
+from train.records import read_jsonl
 from train.rollouts import RolloutTask, start_rollout_pool
 from train.rollouts import rollout_share  # noqa: F401 (jobs.bench.train reads it here)
 from train.sft import ToyData, load_tokenizer_for
@@ -167,9 +167,19 @@ class LaTROTask(RolloutTask):
             return toy_records(self.cfg.toy)
         return read_jsonl(self.cfg.data, FIELDS, key="data")
 
+    def source(self) -> str | None:
+        return None if self.cfg.data == "toy:train" else self.cfg.data
+
+    def record_spec(self) -> dict:
+        return {"required": FIELDS, "why": " (every question needs one)"}
+
     def load_examples(self, tokenizer) -> list[dict]:
+        return self.examples_of(self.records(), tokenizer)
+
+    def examples_of(self, records, tokenizer) -> list[dict]:
+        """`idx`: the record's number here; under Ray Data ingest its row in the whole data set (`train.ingest`)."""
         out = []
-        for i, rec in enumerate(self.records()):
+        for i, rec in enumerate(records):
             prompt = render_prompt(rec, self.cfg, tokenizer)
             ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
             out.append({"input_ids": ids, "prompt": prompt, "answer": str(rec["answer"]), "idx": i})
@@ -269,7 +279,9 @@ def check(cfg: LaTROConfig) -> None:
     """Without Ray, in well under a second: the data (every record has `answer` and `prompt` or `question`, else
     one line naming the file, line and field) and the model exist."""
     if cfg.data != "toy:train":
-        check_records(cfg.data, FIELDS, " (every question needs one)", "data")
+        from train.ingest import check_data
+
+        check_data(cfg.data, {"required": FIELDS, "why": " (every question needs one)"}, cfg.train.ingest)
     from actors.replicas import check_model
 
     check_model(cfg.model)

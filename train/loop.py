@@ -39,8 +39,9 @@ own Train + DeepSpeed example (`deepspeed.initialize` in the worker, checkpoints
 SFT data follows TRL's conventions (prompt/completion records, loss on the completion only, EOS appended).
 
 A task (`TrainTask`) is small and picklable: it builds the model and the tokenized examples inside the worker,
-collates a batch and computes the loss. Data are read inside each worker (from a file or a generator), so nothing
-large travels through the Ray object store.
+collates a batch and computes the loss. Data files go through Ray Data (`train.ingest`: read from any filesystem,
+checked and tokenised in Ray Data's tasks, each worker given only the rows of its own micro batches, by the same
+batch plan, so the losses are the in-memory path's); generated data (toy:train) is made inside each worker.
 """
 from __future__ import annotations
 
@@ -51,11 +52,12 @@ import random
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
 from app.config import Config
+from train.batches import epoch_batches  # noqa: F401 (the batch plan; tests and benches import it here)
 from train.export import export_to, exported_model
 
 REPO = Path(__file__).resolve().parent.parent
@@ -96,6 +98,10 @@ class TrainConfig(Config):
                                          "gradient checkpointing, non-reentrant): big models on GPU")
     bucket_size: int = Field(20_000_000, ge=1, description="ZeRO reduce/allgather bucket (elements)")
     progress: bool = True
+    ingest: Literal["ray_data", "memory"] = Field(
+        "ray_data", description="how a data file reaches the workers: ray_data (read, checked and tokenised by Ray "
+        "Data, each worker given only its shard: files, folders of shards and URIs, JSONL or Parquet) or memory "
+        "(every worker reads the whole local JSONL file); generated data (toy:train) is always made in memory")
     start_timeout_s: float = Field(900, gt=0, description="a worker that has not finished its first optimizer step "
                                    "after this long fails the run, naming what it waits on (a build lock, a peer "
                                    "rank, a slow model load): raise it for big models on slow storage")
@@ -164,7 +170,21 @@ class TrainTask:
         raise NotImplementedError
 
     def load_examples(self, tokenizer) -> list[dict]:
-        """Tokenized examples; each a dict with at least `input_ids`."""
+        """Tokenized examples; each a dict with at least `input_ids` (the in-memory path: every worker makes all)."""
+        raise NotImplementedError
+
+    def source(self) -> str | None:
+        """The file, folder or URI the records come from (read through Ray Data, `train.ingest`); None when the
+        task makes its data itself (toy:train)."""
+        return None
+
+    def record_spec(self) -> dict:
+        """`train.records.check_record`'s keyword arguments for one record of `source()` (required keys, ...)."""
+        return {}
+
+    def examples_of(self, records: list[dict], tokenizer) -> list[dict]:
+        """The examples of some records (what `load_examples` does to all of them; records that make no example
+        are left out): Ray Data runs it in `map_batches`, off the training workers."""
         raise NotImplementedError
 
     def collate(self, examples: list[dict], tokenizer) -> dict:
@@ -176,10 +196,11 @@ class TrainTask:
         names)."""
         raise NotImplementedError
 
-    def prepare(self, engine, examples: list[dict], tokenizer, rank: int, world: int) -> None:
+    def prepare(self, engine, examples: list[dict] | dict[int, dict], tokenizer, rank: int, world: int) -> None:
         """Optional: called on every rank after `deepspeed.initialize` and before a checkpoint is loaded, so
         `engine` still holds the starting weights (DPO computes its frozen reference's log-probs here). Under
-        ZeRO-3 each forward is a collective: every rank must run the same number."""
+        ZeRO-3 each forward is a collective: every rank must run the same number. `examples`: every example (a list,
+        the same on every rank) or, under Ray Data ingest, this rank's own by row number (a dict)."""
 
     def weights_changed(self, engine, global_step: int, rank: int, world: int) -> None:
         """Optional: called on every rank once the weights are in place before training (after a checkpoint
@@ -193,25 +214,6 @@ class TrainTask:
     def evaluate(self, model, tokenizer) -> dict:
         """Optional metrics at the end of each epoch (rank 0 runs it; keep it cheap)."""
         return {}
-
-
-def epoch_batches(lengths: list[int], micro: int, world: int, accum: int, seed: int, epoch: int) -> list[list[int]]:
-    """Micro batches of example indices for one epoch, the same on every rank; rank r takes batches r, r+world, ...
-
-    Examples are shuffled, then sorted by length inside windows of 64 micro batches (less padding), and the
-    micro batches shuffled again. The count is cut to a multiple of world * accum so all ranks step together.
-    """
-    rng = random.Random(f"{seed}:{epoch}")
-    idx = list(range(len(lengths)))
-    rng.shuffle(idx)
-    window = micro * 64
-    batches = []
-    for start in range(0, len(idx), window):
-        chunk = sorted(idx[start:start + window], key=lambda i: lengths[i])
-        batches += [chunk[i:i + micro] for i in range(0, len(chunk), micro) if len(chunk[i:i + micro]) == micro]
-    rng.shuffle(batches)
-    keep = len(batches) // (world * accum) * (world * accum)
-    return batches[:keep]
 
 
 def _lr_lambda(cfg: TrainConfig, total_steps: int):
@@ -293,9 +295,17 @@ def _train(config: dict, watchdog) -> None:
             ray.train.report(dict(state.get("metrics", {}), resumed_finished=True))
             return
 
-    watchdog.phase("reading the training data (task.load_examples)")
     tokenizer = task.build_tokenizer()
-    examples = task.load_examples(tokenizer)
+    if config.get("lengths") is not None:  # Ray Data ingest (train.ingest): this rank's rows, by row number
+        from train.ingest import shard_examples
+
+        watchdog.phase("reading this rank's shard of the training data (Ray Data)")
+        examples = shard_examples(rank)
+        lengths = config["lengths"]
+    else:
+        watchdog.phase("reading the training data (task.load_examples)")
+        examples = task.load_examples(tokenizer)
+        lengths = [e.get("length", len(e["input_ids"])) for e in examples]
     if not examples:
         raise ValueError("no training examples")
     ds_config = deepspeed_config(cfg)
@@ -316,13 +326,12 @@ def _train(config: dict, watchdog) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if getattr(model, "config", None) is not None:
             model.config.use_cache = False
-    lengths = [e.get("length", len(e["input_ids"])) for e in examples]
     steps_per_epoch = len(epoch_batches(lengths, cfg.micro_batch_size, world, cfg.grad_accum, cfg.seed, 0)) // (
         world * cfg.grad_accum
     )
     if steps_per_epoch == 0:
         raise ValueError(
-            f"{len(examples)} examples make no full optimizer step of {cfg.micro_batch_size} x {cfg.grad_accum} x "
+            f"{len(lengths)} examples make no full optimizer step of {cfg.micro_batch_size} x {cfg.grad_accum} x "
             f"{world} workers; lower train.micro_batch_size"
         )
     total_steps = steps_per_epoch * cfg.epochs
@@ -489,9 +498,18 @@ def fit(task: TrainTask, cfg: TrainConfig, desc: str = "train"):
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    loop_config: dict[str, Any] = {"train": cfg, "task": task, "desc": desc}
+    data: dict[str, Any] = {}
+    if task.source() is not None and cfg.ingest == "ray_data":
+        from train.ingest import prepare
+
+        ingest = prepare(task, cfg)
+        loop_config["lengths"] = ingest.lengths
+        data = dict(datasets=ingest.datasets, dataset_config=ray.train.DataConfig(datasets_to_split=[]))
     trainer = TorchTrainer(
         worker_loop,
-        train_loop_config={"train": cfg, "task": task, "desc": desc},
+        train_loop_config=loop_config,
+        **data,
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.num_workers,

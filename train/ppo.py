@@ -36,7 +36,7 @@ from pydantic import Field, model_validator
 from app.config import Config
 from app.pool_config import PoolConfig, PRMPoolConfig
 from train.loop import TrainConfig, fit_and_export
-from train.records import check_records, read_jsonl
+from train.records import read_jsonl
 from train.rollouts import RolloutTask, start_rollout_pool
 from train.rollouts import rollout_share  # noqa: F401 (train.ppo.rollout_share, as before)
 from train.sft import ToyData, load_tokenizer_for
@@ -214,7 +214,7 @@ class PPOTask(RolloutTask):
     def load_examples(self, tokenizer):
         """toy:train, or JSONL records with `question` (what the PRM reads) and `answer`, and optionally a rendered
         `prompt` (else the chat template of the question, as `train.latro` with prompt_format chat)."""
-        from train.latro import LaTROConfig, render_prompt, toy_records
+        from train.latro import toy_records
 
         if self.cfg.data == "toy:train":
             from app.toy.world import toy_problems
@@ -224,6 +224,18 @@ class PPOTask(RolloutTask):
             recs = [dict(r, question=p.question) for r, p in zip(toy_records(t), probs)]
         else:
             recs = read_jsonl(self.cfg.data, FIELDS, key="data")
+        return self.examples_of(recs, tokenizer)
+
+    def source(self) -> str | None:
+        return None if self.cfg.data == "toy:train" else self.cfg.data
+
+    def record_spec(self) -> dict:
+        return {"required": FIELDS, "why": " (every question needs one)"}
+
+    def examples_of(self, recs, tokenizer) -> list[dict]:
+        """`idx`: the record's number here; under Ray Data ingest its row in the whole data set (`train.ingest`)."""
+        from train.latro import LaTROConfig, render_prompt
+
         shape = LaTROConfig(prompt_format="chat", cot_suffix="")
         out = []
         for i, r in enumerate(recs):
@@ -350,7 +362,9 @@ def check(cfg: PPOConfig) -> None:
     """Without Ray, in well under a second: the data (each record a `question` string and an `answer`, else one
     line naming file, line and field), the models and the PRM pool's config."""
     if cfg.data != "toy:train":
-        check_records(cfg.data, FIELDS, " (every question needs one)", "data")
+        from train.ingest import check_data
+
+        check_data(cfg.data, {"required": FIELDS, "why": " (every question needs one)"}, cfg.train.ingest)
     from actors.prm import validate_prm_config
     from actors.replicas import check_model
 

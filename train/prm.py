@@ -42,7 +42,7 @@ from pydantic import Field, model_validator
 
 from app.config import Config, ConfigError
 from train.loop import TrainConfig, TrainTask, fit_and_export
-from train.sft import check_records, read_jsonl
+from train.sft import read_jsonl
 
 
 class PRMTrainConfig(Config):
@@ -180,6 +180,15 @@ class PRMTask(TrainTask):
         if dropped:
             print(f"prm: dropped {dropped} records that could not be laid out in the {self.cfg.format} format")
         return examples
+
+    def source(self) -> str | None:
+        return self.cfg.data
+
+    def record_spec(self) -> dict:
+        return record_spec(self.cfg)
+
+    def examples_of(self, records, tokenizer) -> list[dict]:
+        return self.encode_records(records, tokenizer)[0]
 
     def collate(self, examples, tokenizer):
         import torch
@@ -380,23 +389,28 @@ def math_shepherd_loss(model, batch, label_ids: tuple[int, int]):
     return F.cross_entropy(pair, torch.stack([p, 1 - p], dim=-1))
 
 
-def check(cfg: PRMTrainConfig) -> None:
-    """What can be checked without Ray: the data files exist and every record has the fields training reads
-    (`question`, `steps` and the label field of `labels`: a missing one would be a KeyError inside a Ray Train
-    worker), and the models exist."""
-    for p in (cfg.data, cfg.eval_data):
-        if p and not Path(p).is_file():
-            raise FileNotFoundError(f"prm data not found: {p}")
+def record_spec(cfg: PRMTrainConfig) -> dict:
+    """The keys every record needs (`question`, `steps` and the label field of `labels`, or lpr's `value`)."""
     if cfg.format == "lpr":
-        for p in (cfg.data, cfg.eval_data):
-            if p:
-                _check_values(p)
-    else:
-        fields = {"question": str, "steps": list, cfg.labels: list}
-        for p in (cfg.data, cfg.eval_data):
-            if p:
-                check_records(p, fields, f" (labels: {cfg.labels} trains on it)")
-    if cfg.token_labels > 0:
+        return {"required": {"question": str, "steps": list, "value": int},
+                "choices": {"value": tuple(range(LPR_VALUES))},
+                "why": " (format lpr reads states records: train.synthesize.states)"}
+    return {"required": {"question": str, "steps": list, cfg.labels: list},
+            "why": f" (labels: {cfg.labels} trains on it)"}
+
+
+def check(cfg: PRMTrainConfig) -> None:
+    """What can be checked without Ray: the data files exist and every record has the fields training reads (a
+    missing one would be a KeyError inside a Ray Train worker; Parquet, folders and URIs: as Ray Data reads them),
+    and the models exist. `eval_data` is a local JSONL file (rank 0 reads it for the per-epoch AUC)."""
+    from train.ingest import check_data
+
+    if cfg.eval_data and not Path(cfg.eval_data).is_file():
+        raise FileNotFoundError(f"prm data not found: {cfg.eval_data}")
+    local = check_data(cfg.data, record_spec(cfg), cfg.train.ingest)
+    if cfg.eval_data:
+        check_data(cfg.eval_data, record_spec(cfg), "memory", key="eval_data")
+    if cfg.token_labels > 0 and local:
         from app.toy.checker import question_terms
 
         first = next(iter(read_jsonl(cfg.data)), None)
@@ -411,12 +425,6 @@ def check(cfg: PRMTrainConfig) -> None:
     for m in (cfg.init_from, None if cfg.model.startswith("new:toy-") else cfg.model):
         if m:
             check_model(m)
-
-
-def _check_values(path: str) -> None:
-    """lpr data: every record has question, steps and an int value in 0..3 (one line naming file, line, key)."""
-    read_jsonl(path, {"question": str, "steps": list, "value": int}, choices={"value": tuple(range(LPR_VALUES))},
-               why=" (format lpr reads states records: train.synthesize.states)")
 
 
 def train(cfg: PRMTrainConfig):

@@ -51,24 +51,30 @@ def iter_jsonl(path: str | Path, required: Mapping[Key, Kind] | None = None, opt
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ConfigError(f"{where}: not valid JSON ({e.msg}); write one JSON object per line") from None
-            if not isinstance(rec, dict):
-                raise ConfigError(f"{where}: {_a(type(rec).__name__)}, not a JSON object; write one JSON object "
-                                  "per line")
-            for k, kind in (required or {}).items():
-                names = k if isinstance(k, tuple) else (k,)
-                have = next((x for x in names if x in rec), None)
-                if have is None:
-                    keys = " or ".join(repr(x) for x in names)
-                    raise ConfigError(f"{where}: no key {keys}{why}; add it to every record")
-                _check_type(where, have, rec[have], kind)
-            for k, kind in (optional or {}).items():
-                if k in rec:
-                    _check_type(where, k, rec[k], kind)
-            for k, allowed in (choices or {}).items():
-                if k in rec and rec[k] not in allowed:
-                    raise ConfigError(f"{where}: key {k!r} is {rec[k]!r}, not one of {', '.join(map(str, allowed))}; "
-                                      "use one of them or leave the key out")
+            check_record(rec, where, required, optional, choices, why)
             yield rec
+
+
+def check_record(rec, where: str, required: Mapping[Key, Kind] | None = None,
+                 optional: Mapping[str, Kind] | None = None, choices: Mapping[str, tuple] | None = None,
+                 why: str = "") -> None:
+    """One record's checks (see `read_jsonl`); `where` names it ("pairs.jsonl line 3", "s3://b/p.parquet row 7")."""
+    if not isinstance(rec, dict):
+        raise ConfigError(f"{where}: {_a(type(rec).__name__)}, not a JSON object; write one JSON object per line")
+    for k, kind in (required or {}).items():
+        names = k if isinstance(k, tuple) else (k,)
+        have = next((x for x in names if x in rec), None)
+        if have is None:
+            keys = " or ".join(repr(x) for x in names)
+            raise ConfigError(f"{where}: no key {keys}{why}; add it to every record")
+        _check_type(where, have, rec[have], kind)
+    for k, kind in (optional or {}).items():
+        if k in rec:
+            _check_type(where, k, rec[k], kind)
+    for k, allowed in (choices or {}).items():
+        if k in rec and rec[k] not in allowed:
+            raise ConfigError(f"{where}: key {k!r} is {rec[k]!r}, not one of {', '.join(map(str, allowed))}; "
+                              "use one of them or leave the key out")
 
 
 def _utf8_lines(f, path: Path) -> Iterator[str]:

@@ -85,8 +85,16 @@ class SFTTask(TrainTask):
                                 weights=t.level_weights or None)
         return read_jsonl(self.cfg.data, FIELDS, key="data")
 
+    def source(self) -> str | None:
+        return None if self.cfg.data == "toy:train" else self.cfg.data
+
+    def record_spec(self) -> dict:
+        return {"required": FIELDS}
+
     def load_examples(self, tokenizer) -> list[dict]:
-        recs = self.records()
+        return self.examples_of(self.records(), tokenizer)
+
+    def examples_of(self, recs, tokenizer) -> list[dict]:
         prompts = tokenizer([r["prompt"] for r in recs], add_special_tokens=True)["input_ids"]
         comps = tokenizer([r["completion"] for r in recs], add_special_tokens=False)["input_ids"]
         eos = tokenizer.eos_token_id
@@ -152,7 +160,9 @@ def check(cfg: SFTConfig) -> None:
     """What can be checked without Ray: the data file (every record has a prompt and a completion) and the model
     exist."""
     if cfg.data != "toy:train":
-        check_records(cfg.data, FIELDS, key="data")
+        from train.ingest import check_data
+
+        check_data(cfg.data, {"required": FIELDS}, cfg.train.ingest)
     if not cfg.model.startswith("new:toy-"):
         from actors.replicas import check_model
 

@@ -63,6 +63,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         module.add_args(parser)
     args = parser.parse_args(argv[1:])
     rows, figures = module.run(args)
+    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+        sys.modules["ray"].shutdown()  # else workers' logs, streamed late, land after the JSON line
     print(format_table(rows))
     if args.json:
         print(json.dumps(figures, sort_keys=True))

@@ -1,4 +1,5 @@
-"""`python -m jobs.bench train [--steps S] [--micro-batch B] [--skip-rl] [--skip-sync | --sync-only] [--json]`: what
+"""`python -m jobs.bench train [--steps S] [--micro-batch B] [--skip-rl] [--skip-sync | --sync-only]
+[--skip-ingest | --ingest-only] [--json]`: what
 ponder's training costs.
 
 train_overhead = seconds per optimizer step of ponder's DPO (Ray Train, 1 worker, DeepSpeed ZeRO-0, the shared
@@ -14,6 +15,12 @@ sync_s_per_gb: wall seconds per GB of weights pushed to a rollout pool by `train
 session: object-store buckets of `--sync-bucket-mb`, every chunk to the replica, finish), for a random-weight
 Llama of about `--sync-mb` MiB in float32 (the toy tokenizer, head size 64), on the `--sync-engine` (hf or vllm);
 the median of 3 pushes after a warm-up push. CPU here: the figure for 7B over NCCL is derived in docs/design.md.
+
+ingest_overhead: seconds per optimizer step of the toy SFT recipe (2 workers, ZeRO-2) fed through Ray Data from a
+folder of Parquet shards (`train.ingest`) / the same with every worker reading the whole JSONL file (`train.ingest:
+memory`), same records, seed and batches; medians after the first two steps. Beside it each run's whole `fit`
+wall seconds (Ray Data's read, check, tokenisation and dealing of rows happen before the first step);
+`--ingest-only` measures it alone, `--skip-ingest` leaves it out.
 
 The pairs are the toy world's: chosen = a correct worked solution, rejected = the same solution with a wrong final
 answer, so both trainers see identical tokens.
@@ -38,6 +45,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sync-engine", choices=("hf", "vllm"), default="hf", help="engine of the rollout pool")
     parser.add_argument("--skip-sync", action="store_true", help="leave out sync_s_per_gb")
     parser.add_argument("--sync-only", action="store_true", help="measure sync_s_per_gb alone")
+    parser.add_argument("--ingest-steps", type=int, default=30, help="optimizer steps of each SFT ingest run")
+    parser.add_argument("--skip-ingest", action="store_true", help="leave out ingest_overhead")
+    parser.add_argument("--ingest-only", action="store_true", help="measure ingest_overhead alone")
 
 
 def toy_pairs(n: int) -> list[dict]:
@@ -176,6 +186,45 @@ def sync_speed(args, work: Path) -> dict:
                 sync_engine=args.sync_engine, sync_bucket_mb=args.sync_bucket_mb)
 
 
+def ingest_overhead(args, work: Path) -> tuple[list[dict], dict]:
+    """Toy SFT through Ray Data (Parquet shards) and in memory (JSONL): per-step and whole-fit seconds."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from app.toy.world import sft_examples
+    from train.loop import TrainConfig, fit
+    from train.sft import SFTConfig, SFTTask, check
+
+    per_step = 2 * args.micro_batch
+    records = sft_examples(args.ingest_steps * per_step // 5 + 1, seed=11)[: args.ingest_steps * per_step]
+    jsonl, folder = work / "sft.jsonl", work / "sft-parquet"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in records))
+    folder.mkdir()
+    table = pa.Table.from_pylist(records)
+    for i in range(4):
+        pq.write_table(table.slice(i * len(records) // 4, len(records) // 4 + 1), folder / f"part-{i}.parquet")
+    rows, figures = [], {}
+    for label, data in (("memory", jsonl), ("ray_data", folder)):
+        cfg = SFTConfig(model="toy:policy", data=str(data), train=TrainConfig(
+            name=f"bench-ingest-{label}", storage_path=str(work / "ray"), num_workers=2, zero_stage=2,
+            micro_batch_size=args.micro_batch, lr=1e-4, warmup_steps=0, epochs=1, max_steps=args.ingest_steps,
+            ingest=label, progress=False))
+        check(cfg)
+        t0 = time.perf_counter()
+        result = fit(SFTTask(cfg), cfg.train, desc=f"sft ({label})")
+        wall = time.perf_counter() - t0
+        if result.error:
+            raise result.error
+        steps = [r["step_s"] for r in _metrics(result.checkpoint) if "step_s" in r]
+        rows.append(dict(run=f"toy SFT, {'Ray Data from Parquet shards' if label == 'ray_data' else 'whole JSONL in each worker'}",
+                         steps=len(steps), s_per_step=round(middle(steps), 4), fit_wall_s=round(wall, 1)))
+        figures[f"ingest_s_per_step_{label}"] = round(middle(steps), 4)
+        figures[f"ingest_fit_wall_s_{label}"] = round(wall, 1)
+    figures["ingest_overhead"] = round(figures["ingest_s_per_step_ray_data"] / figures["ingest_s_per_step_memory"], 3)
+    figures["ingest_records"] = len(records)
+    return rows, figures
+
+
 def _sync_row(sync: dict) -> dict:
     return dict(run=f"weight push into a {sync['sync_engine']} rollout pool ({sync['sync_gb']} GB, "
                     f"{sync['sync_bucket_mb']:g} MiB buckets)", s_per_push=sync["sync_s"],
@@ -194,6 +243,8 @@ def run(args) -> tuple[list[dict], dict]:
             sync = sync_speed(args, work)
             rows.append(_sync_row(sync))
             return rows, dict(sync)
+        if args.ingest_only:
+            return ingest_overhead(args, work)
         pairs = toy_pairs(args.steps * args.micro_batch)
         data = work / "pairs.jsonl"
         data.write_text("".join(json.dumps(p) + "\n" for p in pairs))
@@ -208,6 +259,10 @@ def run(args) -> tuple[list[dict], dict]:
             sync = sync_speed(args, work)
             rows.append(_sync_row(sync))
             figures.update(sync)
+        if not args.skip_ingest:
+            more, ingest = ingest_overhead(args, work)
+            rows += more
+            figures.update(ingest)
         if not args.skip_rl:
             for job in ("latro", "ppo"):
                 share = rl_share(job, args.rl_steps, work)
