@@ -19,22 +19,25 @@ from pathlib import Path
 RECIPES = ("dpo", "step_dpo", "latro", "ppo")
 
 
-def _greedy(path: Path) -> dict[str, float]:
-    res = json.loads(path.read_text().strip().splitlines()[-1])
+def _greedy(path: Path) -> dict[str, float] | None:
+    lines = path.read_text().strip().splitlines()
+    if not lines:  # a run still going (or failed): left out
+        return None
+    res = json.loads(lines[-1])
     return {k: v["greedy"] for k, v in res.items()} | {"problems": {k: v["problems"] for k, v in res.items()}}
 
 
 def collect(runs: Path) -> dict:
     ev = runs / "eval"
     out: dict = {"metric": "greedy accuracy", "val": {}, "rows": {}}
-    if (ev / "sft.val.json").exists():
-        out["val"]["sft"] = _greedy(ev / "sft.val.json")
-    if (ev / "sft.test.json").exists():
-        out["rows"]["sft"] = {"seeds": [0], "per_seed": {"0": _greedy(ev / "sft.test.json")}}
+    if (ev / "sft.val.json").exists() and (g := _greedy(ev / "sft.val.json")):
+        out["val"]["sft"] = g
+    if (ev / "sft.test.json").exists() and (g := _greedy(ev / "sft.test.json")):
+        out["rows"]["sft"] = {"seeds": [0], "per_seed": {"0": g}}
     for recipe in RECIPES:
         choice_file = runs / f"choice_{recipe}.json"
-        grid = {m.group(1): _greedy(f) for f in sorted(ev.glob(f"{recipe}-*-seed0.val.json"))
-                if (m := re.fullmatch(rf"{recipe}-(.+)-seed0\.val\.json", f.name))}
+        grid = {m.group(1): g for f in sorted(ev.glob(f"{recipe}-*-seed0.val.json"))
+                if (m := re.fullmatch(rf"{recipe}-(.+)-seed0\.val\.json", f.name)) and (g := _greedy(f))}
         tested = {m.group(1) for f in ev.glob(f"{recipe}-*-seed*.test.json")
                   if (m := re.fullmatch(rf"{recipe}-(.+)-seed\d+\.test\.json", f.name))}
         if choice_file.exists():
@@ -45,10 +48,19 @@ def collect(runs: Path) -> dict:
         else:
             continue
         if chosen:
-            per_seed = {m.group(1): _greedy(f) for f in sorted(ev.glob(f"{recipe}-{chosen}-seed*.test.json"))
-                        if (m := re.fullmatch(rf"{recipe}-{re.escape(chosen)}-seed(\d+)\.test\.json", f.name))}
+            per_seed = {m.group(1): g for f in sorted(ev.glob(f"{recipe}-{chosen}-seed*.test.json"))
+                        if (m := re.fullmatch(rf"{recipe}-{re.escape(chosen)}-seed(\d+)\.test\.json", f.name))
+                        and (g := _greedy(f))}
             if per_seed:
-                out["rows"][recipe] = {"chosen": chosen, "chosen_on_val": recipe in out["val"], "seeds": sorted(map(int, per_seed)), "per_seed": per_seed}
+                out["rows"][recipe] = {"chosen": chosen, "chosen_on_val": recipe in out["val"],
+                                       "seeds": sorted(map(int, per_seed)), "per_seed": per_seed}
+        for tag in sorted(tested - {chosen}):  # also judged on test (before the choice), kept beside it, not chosen
+            per_seed = {m.group(1): g for f in sorted(ev.glob(f"{recipe}-{tag}-seed*.test.json"))
+                        if (m := re.fullmatch(rf"{recipe}-{re.escape(tag)}-seed(\d+)\.test\.json", f.name))
+                        and (g := _greedy(f))}
+            if per_seed:
+                out["rows"][f"{recipe}:{tag}"] = {"chosen": tag, "chosen_on_val": False,
+                                                  "seeds": sorted(map(int, per_seed)), "per_seed": per_seed}
     for row in out["rows"].values():
         runs_ = list(row["per_seed"].values())
         keys = [k for k in runs_[0] if k != "problems"]
