@@ -98,10 +98,11 @@ class TrainConfig(Config):
                                          "gradient checkpointing, non-reentrant): big models on GPU")
     bucket_size: int = Field(20_000_000, ge=1, description="ZeRO reduce/allgather bucket (elements)")
     progress: bool = True
-    ingest: Literal["ray_data", "memory"] = Field(
-        "ray_data", description="how a data file reaches the workers: ray_data (read, checked and tokenised by Ray "
-        "Data, each worker given only its shard: files, folders of shards and URIs, JSONL or Parquet) or memory "
-        "(every worker reads the whole local JSONL file); generated data (toy:train) is always made in memory")
+    ingest: Literal["auto", "ray_data", "memory"] = Field(
+        "auto", description="how a data file reaches the workers: ray_data (read, checked and tokenised by Ray "
+        "Data, each worker given only its shard: files, folders of shards and URIs, JSONL or Parquet), memory "
+        "(every worker reads the whole local JSONL file) or auto (memory for a local JSONL file, Ray Data for "
+        "the rest); generated data (toy:train) is always made in memory")
     start_timeout_s: float = Field(900, gt=0, description="a worker that has not finished its first optimizer step "
                                    "after this long fails the run, naming what it waits on (a build lock, a peer "
                                    "rank, a slow model load): raise it for big models on slow storage")
@@ -500,9 +501,11 @@ def fit(task: TrainTask, cfg: TrainConfig, desc: str = "train"):
 
     loop_config: dict[str, Any] = {"train": cfg, "task": task, "desc": desc}
     data: dict[str, Any] = {}
-    if task.source() is not None and cfg.ingest == "ray_data":
-        from train.ingest import prepare
+    from train.ingest import local_jsonl, prepare
 
+    source = task.source()
+    if source is not None and (cfg.ingest == "ray_data" or (cfg.ingest == "auto" and (
+            "://" in source or not local_jsonl(source)))):
         ingest = prepare(task, cfg)
         loop_config["lengths"] = ingest.lengths
         data = dict(datasets=ingest.datasets, dataset_config=ray.train.DataConfig(datasets_to_split=[]))
