@@ -211,17 +211,12 @@ def shard_examples(rank: int) -> dict[int, dict]:
 
 def _config_error_in(e: BaseException) -> ConfigError | None:
     """The ConfigError a Ray Data task raised, rebuilt as one line, wherever Ray wrapped it."""
-    seen = set()
-    stack = [e]
-    while stack:
-        x = stack.pop()
-        if x is None or id(x) in seen:
-            continue
-        seen.add(id(x))
+    from train.startup import error_chain
+
+    for x in error_chain(e):
         if isinstance(x, ConfigError):
             msg = str(x.args[0]) if x.args else str(x)
             return ConfigError(msg.strip().splitlines()[-1] if "Traceback" in msg else msg)
-        stack += [x.__cause__, x.__context__, getattr(x, "cause", None)]
     # raised in a Ray Data worker: the chain was not pickled across, only its traceback text
     found = re.findall(r"ConfigError: (.+)", str(e))
     return ConfigError(found[-1].strip()) if found else None

@@ -134,8 +134,9 @@ class StartWatchdog:
                                                            self._phase))
 
 
-def stalled_start_in(error: BaseException | None) -> str | None:
-    """The message of a `StalledStart` inside a Ray Train error (a worker's failure), else None."""
+def error_chain(error: BaseException | None):
+    """Every exception inside `error`, however Ray wrapped it: causes, contexts, a RayTaskError's `cause`, and a
+    Ray Train error's worker failures; each once."""
     seen = set()
     stack = [error]
     while stack:
@@ -143,10 +144,16 @@ def stalled_start_in(error: BaseException | None) -> str | None:
         if e is None or id(e) in seen:
             continue
         seen.add(id(e))
-        if isinstance(e, StalledStart):
-            return str(e)
+        yield e
         stack += list(getattr(e, "worker_failures", {}).values())
         stack += [e.__cause__, e.__context__, getattr(e, "cause", None)]
+
+
+def stalled_start_in(error: BaseException | None) -> str | None:
+    """The message of a `StalledStart` inside a Ray Train error (a worker's failure), else None."""
+    for e in error_chain(error):
+        if isinstance(e, StalledStart):
+            return str(e)
         text = str(e)
         if "StalledStart: " in text:  # a worker's exception that came back only as its traceback's text
             return text.split("StalledStart: ", 1)[1].strip().splitlines()[0]
