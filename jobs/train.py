@@ -110,12 +110,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         pools, extra = demand(cfg)
         return dry_run(pools, extra=extra)
+    from train.resources import ClusterBusy
     from train.startup import StalledStart
 
     init_ray()
     try:
         result, path = mod.train(cfg)
-    except StalledStart as e:
+    except (StalledStart, ClusterBusy) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}

@@ -92,6 +92,45 @@ def test_a_stalled_worker_fails_the_run_naming_the_lock(ray_cluster, tmp_path, p
     assert time.monotonic() - t0 < 120
 
 
+def test_resource_wait_maps_to_ray_trains_start_attempts():
+    from train.resources import controller_failure_limit
+
+    assert controller_failure_limit(None) == -1          # no limit: an autoscaling cluster
+    assert controller_failure_limit(30) == 0             # one 60 s attempt
+    assert controller_failure_limit(600) == 9            # ten
+
+
+def test_a_run_whose_workers_never_fit_fails_naming_what_holds_the_cpus(ray_cluster, tmp_path, pickled_by_value,
+                                                                        capfd):
+    """Ray Train alone retries a worker group that finds no free CPUs forever, silently (and pytest-timeout's alarm
+    cannot break into that wait): ponder says at once that it waits, and gives up after train.resource_wait_s."""
+    import ray
+
+    from train.loop import fit_and_export
+    from train.resources import ClusterBusy
+
+    @ray.remote
+    class CpuHog:
+        def ready(self):
+            return True
+
+    free = ray.available_resources().get("CPU", 0)
+    hog = CpuHog.options(name="cpu-hog", num_cpus=free - 1).remote()  # one CPU left: two workers cannot start
+    ray.get(hog.ready.remote())
+    cfg = SFTConfig(toy={"n_per_level": 20, "levels": [1]}, train=TrainConfig(
+        num_workers=2, micro_batch_size=4, max_steps=2, resource_wait_s=30, progress=False, name="busy",
+        storage_path=str(tmp_path / "runs")))
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(ClusterBusy, match=r"2 workers x 1 CPU .*free now: 1 of .*CpuHog 'cpu-hog' \(.*"
+                           r"train\.resource_wait_s"):
+            fit_and_export(SFTTask(cfg), cfg.train, "busy")
+    finally:
+        ray.kill(hog)
+    assert time.monotonic() - t0 < 240
+    assert "ponder: waiting up to 30 s (train.resource_wait_s)" in capfd.readouterr().err
+
+
 def _ray_processes(tmp: str) -> list[int]:
     import psutil
 

@@ -106,6 +106,9 @@ class TrainConfig(Config):
     start_timeout_s: float = Field(900, gt=0, description="a worker that has not finished its first optimizer step "
                                    "after this long fails the run, naming what it waits on (a build lock, a peer "
                                    "rank, a slow model load): raise it for big models on slow storage")
+    resource_wait_s: float | None = Field(600, gt=0, description="how long the run waits for the cluster to free "
+                                          "its workers' CPUs/GPUs before failing, naming what holds them (in Ray "
+                                          "Train's 60 s start attempts); null: no limit, for an autoscaling cluster")
 
     @field_validator("storage_path")
     @classmethod
@@ -486,12 +489,20 @@ def _train(config: dict, watchdog) -> None:
 
 
 def failure_config(cfg: TrainConfig):
-    """Ray Train's FailureConfig: `max_failures`, and preemptions (counted apart since Ray 2.60, unlimited by
-    default) bounded by `max_preemption_failures`, else by the same number."""
+    """Ray Train's FailureConfig: `max_failures`, preemptions (counted apart since Ray 2.60, unlimited by
+    default) bounded by `max_preemption_failures`, else by the same number, and the worker group's start attempts
+    that found no free resources bounded by `resource_wait_s` (`train.resources`)."""
     import ray.train
 
+    from train.resources import controller_failure_limit
+
     pre = cfg.max_failures if cfg.max_preemption_failures is None else cfg.max_preemption_failures
-    return ray.train.FailureConfig(max_failures=cfg.max_failures, max_preemption_failures=pre)
+    return ray.train.FailureConfig(max_failures=cfg.max_failures, max_preemption_failures=pre,
+                                   controller_failure_limit=controller_failure_limit(cfg.resource_wait_s))
+
+
+def worker_resources(cfg: TrainConfig) -> dict[str, float]:
+    return {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}
 
 
 def fit(task: TrainTask, cfg: TrainConfig, desc: str = "train"):
@@ -517,7 +528,7 @@ def fit(task: TrainTask, cfg: TrainConfig, desc: str = "train"):
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.num_workers,
             use_gpu=cfg.use_gpu,
-            resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})},
+            resources_per_worker=worker_resources(cfg),
         ),
         run_config=ray.train.RunConfig(
             name=cfg.name,
@@ -526,6 +537,9 @@ def fit(task: TrainTask, cfg: TrainConfig, desc: str = "train"):
             failure_config=failure_config(cfg),
         ),
     )
+    from train.resources import warn_if_short
+
+    warn_if_short(worker_resources(cfg), cfg.num_workers, cfg.resource_wait_s)
     return trainer.fit()
 
 
@@ -533,6 +547,7 @@ def fit_and_export(task: TrainTask, cfg: TrainConfig, desc: str, output: str | N
                    dtype: str = "bfloat16", model_class=None) -> tuple[Any, Path | str]:
     """`fit`, raise its error if it failed, and return (result, the exported model: `output` if given, written
     compact by `save_compact`, else the checkpoint's `hf/`, a local path or a URI)."""
+    from train.resources import busy_error, gave_up_waiting
     from train.startup import StalledStart, stalled_start_in
 
     try:
@@ -543,6 +558,8 @@ def fit_and_export(task: TrainTask, cfg: TrainConfig, desc: str, output: str | N
         stalled = stalled_start_in(e)
         if stalled:
             raise StalledStart(stalled) from None  # the one line that says what to do, not Ray's traceback
+        if gave_up_waiting(e):
+            raise busy_error(worker_resources(cfg), cfg.num_workers, cfg.resource_wait_s) from None
         raise
     path = exported_model(result)
     if output:

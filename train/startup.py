@@ -136,7 +136,7 @@ class StartWatchdog:
 
 def error_chain(error: BaseException | None):
     """Every exception inside `error`, however Ray wrapped it: causes, contexts, a RayTaskError's `cause`, and a
-    Ray Train error's worker failures; each once."""
+    Ray Train error's worker failures or controller failure; each once."""
     seen = set()
     stack = [error]
     while stack:
@@ -146,7 +146,7 @@ def error_chain(error: BaseException | None):
         seen.add(id(e))
         yield e
         stack += list(getattr(e, "worker_failures", {}).values())
-        stack += [e.__cause__, e.__context__, getattr(e, "cause", None)]
+        stack += [e.__cause__, e.__context__, getattr(e, "cause", None), getattr(e, "controller_failure", None)]
 
 
 def stalled_start_in(error: BaseException | None) -> str | None:
