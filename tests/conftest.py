@@ -9,18 +9,33 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 
+def _start_ray():
+    import ray
+
+    # address="local": a cluster of this session's own, never one auto-detected from `ray start` or a multi-node
+    # test cluster's address file (which may point at a cluster already gone)
+    ray.init(address="local", num_cpus=4, include_dashboard=True, log_to_driver=False, ignore_reinit_error=True)
+
+
 @pytest.fixture(scope="session")
-def ray_cluster():
+def _ray_session():
+    import ray
+
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(_ray_session):
     """A real local Ray cluster (4 logical CPUs on a 2-core machine so that a few actors fit), with the dashboard
-    as jobs start it: Ray Train's PlacementGroupCleaner asks the State API whether a run's controller is alive."""
+    as jobs start it: Ray Train's PlacementGroupCleaner asks the State API whether a run's controller is alive.
+    One per session, started again for a module if code under test shut it down: else the module would run on the
+    cluster Ray's auto-init starts (2 CPUs here), where a pool and two training workers never fit."""
     import ray
 
     if not ray.is_initialized():
-        # address="local": a cluster of this session's own, never one auto-detected from `ray start` or a
-        # multi-node test cluster's address file (which may point at a cluster already gone)
-        ray.init(address="local", num_cpus=4, include_dashboard=True, log_to_driver=False, ignore_reinit_error=True)
+        _start_ray()
     yield ray
-    ray.shutdown()
 
 
 @pytest.fixture

@@ -162,6 +162,7 @@ def test_bench_search_target_with_scripted_pools(ray_cluster, tmp_path, scripted
     monkeypatch.setattr(bench, "run", run_and_keep)
     recipe, _ = write_recipe(tmp_path, "beam_search", {"n": 4, "beam_width": 2, "num_iterations": 5}, n_problems=4)
     assert bench_main(["search", "--config", str(recipe), "--problems", "4", "--json"]) == 0
+    assert ray_cluster.is_initialized()  # a bench run in a caller's Ray leaves it up
     figures = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert len(scripted_pools) == 2  # one pool for 1 replica, one for 2
     [(rows, kept)] = measured

@@ -62,9 +62,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if hasattr(module, "add_args"):
         module.add_args(parser)
     args = parser.parse_args(argv[1:])
+    had_ray = "ray" in sys.modules and sys.modules["ray"].is_initialized()
     rows, figures = module.run(args)
-    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
-        sys.modules["ray"].shutdown()  # else workers' logs, streamed late, land after the JSON line
+    if not had_ray and "ray" in sys.modules and sys.modules["ray"].is_initialized():
+        # the Ray this run started, else workers' logs, streamed late, land after the JSON line; never a caller's
+        # (a test session's cluster shut down here left the next modules on Ray's 2-CPU auto-started one)
+        sys.modules["ray"].shutdown()
     print(format_table(rows))
     if args.json:
         print(json.dumps(figures, sort_keys=True))
