@@ -5,8 +5,9 @@
 Reads `ponder toy eval --json` outputs under RUNS/eval: NAME.val.json (the validation split, where each recipe's
 hyperparameters were chosen: the grid point with the highest greedy accuracy over its levels) and NAME.test.json
 (the test split, judged only for the chosen point, one file per training seed), NAME = RECIPE-TAG-seedS, and
-RUNS/choice_RECIPE.json (the choice). Writes one JSON (mean and sample standard deviation over seeds per level
-and over all, the validation grid beside it) and prints the markdown table.
+RUNS/choice_RECIPE.json (the choice). SFT: sft.test.json is seed 0 (the shipped policy), sft-seedS.test.json the
+toy build's SFT stage retrained with train.seed=S. Writes one JSON (mean and sample standard deviation over seeds
+per level and over all, the validation grid beside it) and prints the markdown table.
 """
 from __future__ import annotations
 
@@ -32,8 +33,11 @@ def collect(runs: Path) -> dict:
     out: dict = {"metric": "greedy accuracy", "val": {}, "rows": {}}
     if (ev / "sft.val.json").exists() and (g := _greedy(ev / "sft.val.json")):
         out["val"]["sft"] = g
-    if (ev / "sft.test.json").exists() and (g := _greedy(ev / "sft.test.json")):
-        out["rows"]["sft"] = {"seeds": [0], "per_seed": {"0": g}}
+    sft = {"0": ev / "sft.test.json"} | {m.group(1): f for f in sorted(ev.glob("sft-seed*.test.json"))
+                                          if (m := re.fullmatch(r"sft-seed(\d+)\.test\.json", f.name))}
+    sft = {s: g for s, f in sft.items() if f.exists() and (g := _greedy(f))}
+    if sft:  # seed 0: the shipped policy (toy:policy); seed S: its build's SFT stage retrained with train.seed=S
+        out["rows"]["sft"] = {"seeds": sorted(map(int, sft)), "per_seed": dict(sorted(sft.items()))}
     for recipe in RECIPES:
         choice_file = runs / f"choice_{recipe}.json"
         grid = {m.group(1): g for f in sorted(ev.glob(f"{recipe}-*-seed0.val.json"))
